@@ -1,0 +1,99 @@
+"""Named-axis arithmetic used by the runtime and by every method.
+
+In flight, an adapted weight and each of its adapter arrays carry one *label*
+per axis. Two arrays share a label exactly when they share that axis: LoRA's
+``A`` carries the weight's input labels plus a rank label, ``B`` the rank
+label plus the weight's output labels. Every contraction is then an einsum
+over labels, which keeps the rules independent of axis order and layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import string
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+Labels = tuple[str, ...]
+_LETTERS = string.ascii_letters
+_counter = itertools.count()
+
+
+def fresh(prefix: str = "t") -> str:
+  """A label not used anywhere else."""
+  return f"{prefix}{next(_counter)}"
+
+
+def sizes_of(*operands: tuple[jnp.ndarray, Sequence[str]]) -> dict[str, int]:
+  sizes: dict[str, int] = {}
+  for array, labels in operands:
+    for label, size in zip(labels, array.shape):
+      sizes[label] = size
+  return sizes
+
+
+def einsum(out: Sequence[str], *operands: tuple[jnp.ndarray, Sequence[str]],
+           precision=None, preferred_element_type=None) -> jnp.ndarray:
+  """``jnp.einsum`` with labels instead of letters."""
+  letters: dict[str, str] = {}
+
+  def sub(labels: Sequence[str]) -> str:
+    return "".join(letters.setdefault(l, _LETTERS[len(letters)]) for l in labels)
+
+  spec = ",".join(sub(l) for _, l in operands) + "->" + sub(out)
+  return jnp.einsum(spec, *(a for a, _ in operands), precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
+def _kept(first: Sequence[str], second: Sequence[str], later: Sequence[str],
+          out: Sequence[str]) -> Labels:
+  need = set(later) | set(out)
+  return tuple(dict.fromkeys(l for l in (*first, *second) if l in need))
+
+
+def chain(x: jnp.ndarray, x_labels: Sequence[str],
+          factors: Sequence[tuple[jnp.ndarray, Sequence[str]]],
+          out: Sequence[str], *, scale: float = 1.0, precision=None,
+          preferred_element_type=None) -> jnp.ndarray:
+  """Contracts ``x`` with two factors one at a time, never forming their product.
+
+  The order (``x·F1`` first or ``x·F2`` first) is chosen to minimise FLOPs,
+  so ``x·A·B`` for a Dense layer and ``x·Bᵀ·Aᵀ`` for a tied-embedding
+  ``attend`` both stay rank-``r`` skinny. ``scale`` multiplies the rank-sized
+  intermediate, the cheapest place for it.
+  """
+  (f1, l1), (f2, l2) = factors
+  sizes = sizes_of((x, x_labels), (f1, l1), (f2, l2))
+
+  def cost(first_labels, later_labels):
+    mid = _kept(x_labels, first_labels, later_labels, out)
+    first = math.prod(sizes[l] for l in set(x_labels) | set(first_labels))
+    second = math.prod(sizes[l] for l in set(mid) | set(later_labels))
+    return first + second, mid
+
+  c12, mid12 = cost(l1, l2)
+  c21, mid21 = cost(l2, l1)
+  if c21 < c12:
+    (f1, l1), (f2, l2), mid = (f2, l2), (f1, l1), mid21
+  else:
+    mid = mid12
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  f1 = f1.astype(x.dtype) if f1.dtype != x.dtype else f1
+  f2 = f2.astype(x.dtype) if f2.dtype != x.dtype else f2
+  t = einsum(mid, (x, x_labels), (f1, l1), **kw)
+  if scale != 1.0:
+    t = t * jnp.asarray(scale, t.dtype)
+  if t.dtype != f2.dtype:
+    f2 = f2.astype(t.dtype)
+  return einsum(out, (t, mid), (f2, l2), **kw)
+
+
+def broadcast_to(array: jnp.ndarray, labels: Sequence[str],
+                 target: Sequence[str]) -> jnp.ndarray:
+  """Transposes and expands ``array`` so it broadcasts against ``target``."""
+  present = [l for l in target if l in labels]
+  array = jnp.transpose(array, [list(labels).index(l) for l in present])
+  shape = [array.shape[present.index(l)] if l in present else 1 for l in target]
+  return array.reshape(shape)

@@ -1,0 +1,134 @@
+"""Reading adapters out of a tree: which weights are adapted, and how."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jlora import _tree
+from jlora._errors import Problems
+from jlora._method import Method
+from jlora._tree import Path, path_str
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class FullyTrainable:
+  """Marks the named entries of a mapping as trained in full (PEFT's
+  ``modules_to_save``), e.g. a classification head."""
+
+  keys: tuple[str, ...]
+
+  def __repr__(self):
+    return f"FullyTrainable{self.keys}"
+
+
+TRAINABLE_KEY = "trainable"
+
+
+@dataclasses.dataclass
+class Adapter:
+  """One method applied to one weight."""
+
+  method: Method
+  arrays: tuple[Any, ...]
+  paths: tuple[Path, ...]
+
+
+@dataclasses.dataclass
+class Entry:
+  """An adapted weight and the methods on it, in application order."""
+
+  path: Path
+  weight: Any
+  adapters: list[Adapter]
+
+
+def specs_in(mapping: Mapping) -> list[tuple[str, Method]]:
+  return [(k, v) for k, v in mapping.items() if isinstance(v, Method)]
+
+
+def adapter_keys(mapping: Mapping) -> set[str]:
+  """Keys of spec nodes, adapter leaves and markers in one mapping."""
+  keys = set()
+  for k, m in specs_in(mapping):
+    keys.add(k)
+    keys.update(m.leaf_keys)
+  if isinstance(mapping.get(TRAINABLE_KEY), FullyTrainable):
+    keys.add(TRAINABLE_KEY)
+  return keys
+
+
+def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry], set[Path]]:
+  """Splits a jlora tree into the base tree and its adapters.
+
+  Returns:
+    ``(base, entries, trained)``: ``base`` has the structure of the tree before
+    `lorify` (adapter leaves, method nodes and markers removed); ``entries``
+    maps each adapted weight's path to its `Entry`; ``trained`` holds the paths
+    of leaves trained in full.
+
+  Raises:
+    LoraError: an adapter whose weight or arrays are missing or don't fit.
+  """
+  problems = Problems(f"jlora: {what} has malformed adapters")
+  entries: dict[Path, Entry] = {}
+  trained: set[Path] = set()
+
+  def strip(path: Path, mapping: Mapping) -> Mapping:
+    specs = specs_in(mapping)
+    marker = mapping.get(TRAINABLE_KEY)
+    if not specs and not isinstance(marker, FullyTrainable):
+      return mapping
+    if isinstance(marker, FullyTrainable):
+      trained.update(path + (k,) for k in marker.keys if k in mapping)
+    for key, method in sorted(specs, key=lambda km: km[1].order):
+      where = path_str(path + (key,))
+      weight = mapping.get(method.weight)
+      if weight is None or not _tree.is_array(weight):
+        problems.add(f"{where}: {method.describe()} adapts {method.weight!r}, which "
+                     f"is not an array in this mapping (keys: {sorted(mapping)}); "
+                     "remove the adapter or restore the weight")
+        continue
+      arrays, ok = [], True
+      expected = method.shapes(weight.shape)
+      for leaf_key, shape in zip(method.leaf_keys, expected):
+        arr = mapping.get(leaf_key)
+        leaf_path = path_str(path + (leaf_key,))
+        if arr is None or not _tree.is_array(arr):
+          problems.add(f"{leaf_path}: missing adapter array for {method.describe()}; "
+                       "re-create the adapters with lorify or load them with load_adapters")
+          ok = False
+        elif tuple(arr.shape) != tuple(shape):
+          problems.add(f"{leaf_path}: shape {tuple(arr.shape)} does not fit "
+                       f"{method.weight} {tuple(weight.shape)} under {method.describe()} "
+                       f"(expected {tuple(shape)}); the adapter belongs to another "
+                       "model or rank: re-create it with lorify")
+          ok = False
+        arrays.append(arr)
+      if not ok:
+        continue
+      entry = entries.setdefault(path + (method.weight,),
+                                 Entry(path + (method.weight,), weight, []))
+      entry.adapters.append(Adapter(method, tuple(arrays),
+                                    tuple(path + (k,) for k in method.leaf_keys)))
+    drop = adapter_keys(mapping)
+    return _tree.rebuild_mapping(mapping, {k: v for k, v in mapping.items() if k not in drop})
+
+  base = _tree.map_mappings(params, strip)
+  problems.raise_if_any()
+  return base, entries, trained
+
+
+def trainable_paths(params: Any) -> set[Path]:
+  """Paths of every leaf that trains: adapter arrays and fully-trained leaves."""
+  _, entries, trained = read(params)
+  paths = set(trained)
+  for entry in entries.values():
+    for adapter in entry.adapters:
+      keep = set(adapter.method.trainable_leaves)
+      paths.update(p for leaf, p in zip(adapter.method.leaves, adapter.paths) if leaf in keep)
+  return paths
