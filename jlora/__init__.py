@@ -8,6 +8,9 @@
 (8,)
 """
 
+from jlora._checkpoint import Checkpoints as Checkpoints
+from jlora._checkpoint import load_adapters as load_adapters
+from jlora._checkpoint import save_adapters as save_adapters
 from jlora._errors import LoraError as LoraError
 from jlora._lora import LoRA as LoRA
 from jlora._lorify import lorify as lorify
@@ -23,5 +26,8 @@ from jlora._structure import FullyTrainable as FullyTrainable
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
 from jlora._targets import Axes as Axes
+from jlora._train import TrainState as TrainState
+from jlora._train import TrainStep as TrainStep
+from jlora._train import train_step as train_step
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -106,25 +107,55 @@ def plain_fn(p, x):
   return jnp.einsum("bi,io->bo", h, p["w2"]["kernel"])
 
 
-def cases() -> list[Case]:
-  key = jax.random.key(0)
-  out = []
-  tokens = jax.random.randint(key, (2, 7), 0, 37)
+_BUILDERS: dict[str, Callable[[], Case]] = {}
+
+
+def _builder(fn):
+  _BUILDERS[fn.__name__.removeprefix("_")] = fn
+  return fn
+
+
+KEY = jax.random.key(0)
+
+
+@_builder
+def _transformer():
+  tokens = jax.random.randint(KEY, (2, 7), 0, 37)
   m = Transformer()
-  out.append(Case("transformer", m.init(key, tokens), m.apply, (tokens,)))
-  x = jax.random.normal(key, (2, 9, 9, 3))
+  return Case("transformer", m.init(KEY, tokens), m.apply, (tokens,))
+
+
+@_builder
+def _cnn_batchnorm():
+  x = jax.random.normal(KEY, (2, 9, 9, 3))
   c = CNN()
-  out.append(Case("cnn_batchnorm", c.init(key, x), c.apply, (x,)))
-  x = jax.random.normal(key, (4, 12))
+  return Case("cnn_batchnorm", c.init(KEY, x), c.apply, (x,))
+
+
+@_builder
+def _scan():
+  x = jax.random.normal(KEY, (4, 12))
   s = Scanned()
-  out.append(Case("scan", s.init(key, x), s.apply, (x,),
-                  lorify=dict(axes=jlora.Axes(stack=1))))
+  return Case("scan", s.init(KEY, x), s.apply, (x,), lorify=dict(axes=jlora.Axes(stack=1)))
+
+
+@_builder
+def _scan_remat():
+  x = jax.random.normal(KEY, (4, 12))
   s = Scanned(remat=True)
-  out.append(Case("scan_remat", s.init(key, x), s.apply, (x,),
-                  lorify=dict(axes=jlora.Axes(stack=1))))
-  x = jax.random.normal(key, (5, 8))
+  return Case("scan_remat", s.init(KEY, x), s.apply, (x,),
+              lorify=dict(axes=jlora.Axes(stack=1)))
+
+
+@_builder
+def _bf16_general():
+  x = jax.random.normal(KEY, (5, 8))
   mx = Mixed()
-  out.append(Case("bf16_general", mx.init(key, x), mx.apply, (x,), tol=2e-2))
+  return Case("bf16_general", mx.init(KEY, x), mx.apply, (x,), tol=2e-2)
+
+
+@_builder
+def _nnx():
   model = NNXMLP(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
@@ -133,10 +164,21 @@ def cases() -> list[Case]:
     nnx.replace_by_pure_dict(st, pure)
     return nnx.merge(graphdef, st)(x)
 
-  out.append(Case("nnx", nnx.to_pure_dict(state), nnx_fn,
-                  (jax.random.normal(key, (3, 6)),)))
-  k1, k2 = jax.random.split(key)
+  return Case("nnx", nnx.to_pure_dict(state), nnx_fn, (jax.random.normal(KEY, (3, 6)),))
+
+
+@_builder
+def _plain():
+  k1, k2 = jax.random.split(KEY)
   p = {"w1": {"kernel": jax.random.normal(k1, (6, 8)), "bias": jnp.zeros(8)},
        "w2": {"kernel": jax.random.normal(k2, (8, 3))}}
-  out.append(Case("plain", p, plain_fn, (jax.random.normal(key, (4, 6)),)))
-  return out
+  return Case("plain", p, plain_fn, (jax.random.normal(KEY, (4, 6)),))
+
+
+NAMES = tuple(_BUILDERS)
+
+
+@functools.cache
+def case(name: str) -> Case:
+  """The named case, built once per test process."""
+  return _BUILDERS[name]()
