@@ -64,6 +64,7 @@ def chain(x: jnp.ndarray, x_labels: Sequence[str],
   ``attend`` both stay rank-``r`` skinny. ``scale`` multiplies the rank-sized
   intermediate, the cheapest place for it.
   """
+  x, x_labels, out, unflatten = _collapse_free(x, x_labels, factors, out)
   (f1, l1), (f2, l2) = factors
   sizes = sizes_of((x, x_labels), (f1, l1), (f2, l2))
 
@@ -87,7 +88,33 @@ def chain(x: jnp.ndarray, x_labels: Sequence[str],
     t = t * jnp.asarray(scale, t.dtype)
   if t.dtype != f2.dtype:
     f2 = f2.astype(t.dtype)
-  return einsum(out, (t, mid), (f2, l2), **kw)
+  return unflatten(einsum(out, (t, mid), (f2, l2), **kw))
+
+
+def _collapse_free(x, x_labels, factors, out):
+  """Merges x's run of axes that no factor has (batch, tokens) into one.
+
+  With one free axis, every skinny matmul and each of its transposes under
+  ``grad`` (``dA = xᵀ·g``, ``dB = tᵀ·g``) contracts a single axis; with two
+  (``[batch, seq, d]``) the gradient dots contract two, which XLA:CPU lowers
+  with a transposed copy of the activation or cotangent (measured: 29% of the
+  reference LoRA step, see BENCHMARKS.md).
+  """
+  carried = {l for _, labels in factors for l in labels}
+  free = tuple(l for l in x_labels if l not in carried)
+  x_labels, out = tuple(x_labels), tuple(out)
+  identity = (x, x_labels, out, lambda y: y)
+  if len(free) < 2 or free[0] not in out:
+    return identity
+  k, j, n = x_labels.index(free[0]), out.index(free[0]), len(free)
+  if x_labels[k:k + n] != free or out[j:j + n] != free:
+    return identity
+  merged = fresh("m")
+  free_shape = x.shape[k:k + n]
+  x = x.reshape(x.shape[:k] + (-1,) + x.shape[k + n:])
+  return (x, x_labels[:k] + (merged,) + x_labels[k + n:],
+          out[:j] + (merged,) + out[j + n:],
+          lambda y: y.reshape(y.shape[:j] + free_shape + y.shape[j + 1:]))
 
 
 def broadcast_to(array: jnp.ndarray, labels: Sequence[str],
