@@ -1,0 +1,168 @@
+"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR]
+
+Per-op wall time of the reference train steps on XLA:CPU. Each step is
+compiled, run under ``jax.profiler.trace`` (XLA:CPU records one event per
+thunk, named after its HLO instruction), and every instruction of the
+optimised HLO's entry computation is put in a class:
+
+* ``dot dense``: a dot (alone or inside a fusion) with no dimension <= 16;
+* ``dot rank-r``: a dot with a dimension <= 16 (x·A, (x·A)·B, dA, dB, ...);
+* ``dot attention``: a batched dot (q·kᵀ, att·v and their gradients);
+* ``transpose/copy``: copy or transpose fusions (layout changes);
+* ``other``: elementwise, reductions, softmax, Adam, gathers, ...
+
+and the table gives, per class: count, ms per step, share and GFLOP/s. With
+``--dump DIR`` XLA also writes its HLO (``--xla_dump_to``) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+
+def parse_hlo(text: str):
+  """(entry instructions, {computation: body}, {value name: shape})."""
+  comps, cur, entry = {}, None, None
+  for line in text.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m and not line.startswith(" "):
+      cur = m.group(2)
+      comps[cur] = []
+      if m.group(1):
+        entry = cur
+      continue
+    if cur is not None and line.startswith("  "):
+      comps[cur].append(line)
+  shapes = dict(re.findall(r"%([\w.\-]+) = (\w+\[[0-9,]*\])", text))
+  return entry, comps, shapes
+
+
+def dims(shape: str) -> list[int]:
+  inner = re.search(r"\[([0-9,]*)\]", shape).group(1)
+  return [int(v) for v in inner.split(",")] if inner else []
+
+
+def dot_info(line: str, shapes: dict):
+  m = re.search(r"= (\w+\[[0-9,]*\])\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)", line)
+  if not m:
+    return None
+  out, lhs, _, rest = m.groups()
+  lc = [int(v) for v in re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest).group(1).split(",")]
+  batched = "lhs_batch_dims" in rest
+  ld = dims(shapes[lhs])
+  k = 1
+  for d in lc:
+    k *= ld[d]
+  od = dims(out)
+  n_out = 1
+  for d in od:
+    n_out *= d
+  return {"flops": 2 * n_out * k, "dims": od + [k], "batched": batched}
+
+
+def classify(entry, comps, shapes):
+  """{instruction name: (class, flops)} for the entry computation."""
+  out = {}
+  for line in comps[entry]:
+    m = re.match(r"\s*(ROOT )?%([\w.\-]+) = \S+ (\w[\w\-]*)\(", line)
+    if not m:
+      continue
+    name, op = m.group(2), m.group(3)
+    body = [line]
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    if called and called.group(1) in comps:
+      body = comps[called.group(1)]
+    infos = [i for i in (dot_info(l, shapes) for l in body) if i]
+    if infos:
+      i = infos[0]
+      cls = ("dot attention" if i["batched"] else
+             "dot rank-r" if min(i["dims"]) <= 16 else "dot dense")
+      out[name] = (cls, sum(x["flops"] for x in infos))
+    elif op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+      continue
+    elif "transpose" in name or "copy" in name or op in ("copy", "transpose"):
+      out[name] = ("transpose/copy", 0)
+    else:
+      out[name] = ("other", 0)
+  return out
+
+
+def profile(compiled, args, steps: int = 3):
+  import jax
+  for _ in range(2):
+    jax.block_until_ready(compiled(*args))
+  d = tempfile.mkdtemp(prefix="jlora_trace_")
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for _ in range(steps):
+      jax.block_until_ready(compiled(*args))
+  (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  dur = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X":
+      dur[e["name"]] += e.get("dur", 0) / 1e3 / steps  # ms per step
+  return dur
+
+
+def report(name, compiled, args, steps):
+  entry, comps, shapes = parse_hlo(compiled.as_text())
+  cls = classify(entry, comps, shapes)
+  dur = profile(compiled, args, steps)
+  rows = collections.defaultdict(lambda: [0, 0.0, 0])
+  per_op = []
+  for op, (c, fl) in cls.items():
+    t = dur.get(op, 0.0)
+    rows[c][0] += 1
+    rows[c][1] += t
+    rows[c][2] += fl
+    per_op.append((t, op, c, fl))
+  total = sum(r[1] for r in rows.values())
+  print(f"\n### {name}: {total:.0f} ms per step in traced ops\n")
+  print("| class | ops | ms/step | share | GFLOP | GFLOP/s |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for c in ("dot dense", "dot rank-r", "dot attention", "transpose/copy", "other"):
+    n, t, fl = rows.get(c, (0, 0.0, 0))
+    rate = f"{fl / t / 1e6:.1f}" if fl and t else "-"
+    print(f"| {c} | {n} | {t:.0f} | {t / total:.1%} | {fl / 1e9:.2f} | {rate} |")
+  print("\ntop ops:")
+  for t, op, c, fl in sorted(per_op, reverse=True)[:12]:
+    print(f"  {t:7.1f} ms  {c:15s} {op}  {fl / 1e6:.0f} MFLOP")
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--steps", default="full,jlora")
+  p.add_argument("--targets", default="all")
+  p.add_argument("--traced", type=int, default=3, help="steps run under the profiler")
+  p.add_argument("--dump", default=None, help="also --xla_dump_to this folder")
+  a = p.parse_args(argv)
+  if a.dump:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={a.dump} --xla_dump_hlo_as_text").strip()
+  import jax
+  import optax
+  from benchmarks import reference as R
+  from benchmarks.model import QUICK, Config
+  cfg = QUICK if a.quick else Config()
+  s = R.build(cfg, R.TARGETS[a.targets])
+  steps = R.train_steps(s, optax.adam(1e-3))
+  print(f"# per-op profile, jax {jax.__version__}, load {os.getloadavg()[0]:.2f}, {cfg}")
+  for name in a.steps.split(","):
+    fn, args = steps[name]
+    compiled = jax.jit(fn).lower(*args).compile()
+    report(name, compiled, args, a.traced)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
