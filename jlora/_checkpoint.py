@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jlora import _structure, _tree
 from jlora._errors import LoraError, Problems
@@ -88,7 +87,14 @@ def _more(items: list[str]) -> list[str]:
   return items[:_SHOWN] + [f"... and {len(items) - _SHOWN} more"]
 
 
-def _checkpointer() -> ocp.Checkpointer:
+def _ocp():
+  """``orbax.checkpoint``, imported on first use: ``import jlora`` stays light."""
+  import orbax.checkpoint as ocp
+  return ocp
+
+
+def _checkpointer():
+  ocp = _ocp()
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
@@ -115,7 +121,7 @@ def _compare_leaves(saved: list[list], have: list[list], *, saved_name: str,
   return problems
 
 
-def _read(directory: str, args: ocp.args.Composite, *, what: str, fix: str) -> Any:
+def _read(directory: str, args: Any, *, what: str, fix: str) -> Any:
   try:
     return _checkpointer().restore(directory, args)
   except LoraError:
@@ -136,6 +142,7 @@ def _read_record(directory: str, *, kind: str, what: str, fix: str) -> dict:
     raise LoraError([f"{directory}: " + ("no such directory" if found is None else
                                          f"no '{_RECORD_ITEM}' record (found {found})")],
                     header=f"jlora: {directory} is not a complete {what}; {fix}")
+  ocp = _ocp()
   record = _read(directory, ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()}),
                  what=what, fix=fix)[_RECORD_ITEM]
   if not isinstance(record, dict) or record.get("format") != kind:
@@ -157,6 +164,7 @@ def _read_arrays(directory: str, entries: list[dict], sharding_of, *, what: str,
   target = {f"{i:05d}": jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]),
                                              sharding=sharding_of(i))
             for i, e in enumerate(entries)}
+  ocp = _ocp()
   args = ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
   arrays = _read(directory, args, what=what, fix=fix)[_ARRAYS_ITEM]
   bad = []
@@ -249,6 +257,7 @@ def save_adapters(path: str | os.PathLike, params: Any, *, force: bool = False) 
   }
   record["checksum"] = _digest(record)
   items = {f"{i:05d}": x for i, (_, x) in enumerate(arrays)}
+  ocp = _ocp()
   _checkpointer().save(path, ocp.args.Composite(**{
       _ARRAYS_ITEM: ocp.args.StandardSave(items),
       _RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)
@@ -368,6 +377,7 @@ class Checkpoints:
         problems.add(f"{name} must be a positive integer, got {value!r}")
     problems.raise_if_any()
     self.directory = os.path.abspath(os.fspath(directory))
+    ocp = _ocp()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
@@ -432,6 +442,7 @@ class Checkpoints:
               "data": data}
     record["checksum"] = _digest(record)
     items = {f"{i:05d}": x for i, x in enumerate(flat)}
+    ocp = _ocp()
     return self._manager.save(step, args=ocp.args.Composite(**{
         _ARRAYS_ITEM: ocp.args.StandardSave(items),
         _RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)

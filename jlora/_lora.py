@@ -30,8 +30,18 @@ class LoRA(Method):
     inputs: number of input axes of the weight after the stacked ones.
     order: position among the methods on the same weight.
     rslora: use rank-stabilised scaling ``alpha / sqrt(rank)``.
-    init: ``"kaiming"`` (PEFT's default: A ~ U(±1/sqrt(fan_in))) or
-      ``"gaussian"`` (A ~ N(0, 1/rank²)).
+    init: ``"kaiming"`` (PEFT's default: A ~ U(±1/sqrt(fan_in))),
+      ``"gaussian"`` (A ~ N(0, 1/rank²)), or ``"pissa"`` (PiSSA, Meng et al.
+      2024: ``A = U_r·sqrt(S_r)``, ``B = sqrt(S_r)·V_rᵀ`` from the top-``r``
+      SVD ``W = U·S·Vᵀ``, divided by ``sqrt(scale)`` so that ``s·A·B`` is the
+      principal part; the weight becomes the residual ``W − s·A·B``, so the
+      model is unchanged at init. Save that residual base with the adapters:
+      `load_adapters` onto the original base would count the principal part
+      twice).
+    dropout: PEFT's ``lora_dropout``: inverted dropout on ``x`` before ``A``,
+      active only when `lora` gets an ``rng`` (training).
+    name: the adapter's name; ``"default"`` keeps the plain ``lora`` keys,
+      any other name gives ``lora@name`` keys (several adapters on one weight).
   """
 
   rank: int
@@ -42,6 +52,8 @@ class LoRA(Method):
   order: int = 0
   rslora: bool = False
   init: str = "kaiming"
+  dropout: float = 0.0
+  name: str = "default"
 
   prefix = "lora"
   leaves = ("a", "b")
@@ -75,9 +87,24 @@ class LoRA(Method):
       a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
     elif self.init == "gaussian":
       a = jax.random.normal(key, a_shape, dtype) / self.rank
+    elif self.init == "pissa":
+      return self._pissa(weight, dtype)
     else:  # validated by lorify
       raise ValueError(f"unknown init {self.init!r}")
     return (a, jnp.zeros(b_shape, dtype)), weight
+
+  def _pissa(self, weight, dtype):
+    s, i, o = self.split_shape(weight.shape)
+    n_in, n_out = math.prod(i), math.prod(o)
+    w = weight.astype(jnp.float32).reshape((-1, n_in, n_out))
+    u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(sv[:, :self.rank] / self.scale)
+    a = u[:, :, :self.rank] * root[:, None, :]
+    b = root[:, :, None] * vt[:, :self.rank, :]
+    residual = w - self.scale * jnp.einsum("sir,sro->sio", a, b)
+    a_shape, b_shape = self.shapes(weight.shape)
+    return ((a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)),
+            residual.reshape(weight.shape).astype(weight.dtype))
 
   def labels(self, weight: WeightLabels, tag: str):
     r = f"r{tag}"
@@ -91,7 +118,7 @@ class LoRA(Method):
     return (w.astype(dtype) + delta * jnp.asarray(self.scale, dtype)).astype(w.dtype)
 
   def dot(self, use: DotUse, arrays, labels, inner):
-    delta = _labels.chain(use.x, use.x_labels, list(zip(arrays, labels)),
+    delta = _labels.chain(dropout(use.x, self.dropout, use.rng), use.x_labels, list(zip(arrays, labels)),
                           use.out_labels, scale=self.scale,
                           precision=use.precision,
                           preferred_element_type=use.preferred_element_type)
@@ -108,7 +135,7 @@ class LoRA(Method):
     if sorted(kernel_labels) != sorted(al):
       return None
     kernel = jnp.transpose(a, [al.index(l) for l in kernel_labels]).astype(use.x.dtype)
-    t = use.bind(use.x, kernel)  # the same conv, with rank-many output features
+    t = use.bind(dropout(use.x, self.dropout, getattr(use, "rng", None)), kernel)  # the same conv, with rank-many output features
     t = t * jnp.asarray(self.scale, t.dtype)
     t_labels = [_labels.fresh() for _ in range(t.ndim)]
     t_labels[use.out_feature_axis] = r
@@ -155,3 +182,11 @@ class LoRA(Method):
     delta = _labels.einsum(batch + kept_w, (t, t_labels), (b.astype(t.dtype), bl))
     base = inner()
     return base + delta.astype(base.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng) -> jax.Array:
+  """Inverted dropout of ``x`` (PEFT's ``lora_dropout``); identity without a key."""
+  if not rate or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +17,7 @@ from jlora._method import Method
 from jlora._targets import Axes, Targets
 from jlora._tree import Path, path_str
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa")
 
 
 def _check_key(key: Any, problems: Problems) -> None:
@@ -72,7 +74,7 @@ def add_methods(params: Any, make: Callable[[Path, Any], Method], *, key: jax.Ar
   methods: dict[Path, Method] = {}
   for path, leaf in chosen:
     where = path_str(path)
-    if not isinstance(path[-1], str) or len(path) < 1:
+    if not isinstance(path[-1], str):
       problems.add(f"{where}: adapters are stored beside their weight in a mapping; "
                    "this leaf is not held in a dict")
       continue
@@ -99,7 +101,7 @@ def add_methods(params: Any, make: Callable[[Path, Any], Method], *, key: jax.Ar
                    "(jlora.merge) or adapt another weight")
       continue
     order = sum(1 for (p, _) in existing if p == path)
-    methods[path] = _with_order(method, order)
+    methods[path] = dataclasses.replace(method, order=order)
   problems.raise_if_any()
 
   keys = dict(zip(sorted(methods, key=path_str),
@@ -125,11 +127,6 @@ def add_methods(params: Any, make: Callable[[Path, Any], Method], *, key: jax.Ar
   return _tree.map_mappings(params, add)
 
 
-def _with_order(method: Method, order: int) -> Method:
-  import dataclasses
-  return dataclasses.replace(method, order=order)
-
-
 def _trainable_leaves(candidates, trainable: Targets, problems: Problems) -> list[Path]:
   if isinstance(trainable, str):
     trainable = (trainable,)
@@ -152,7 +149,8 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
            targets: Targets = None, alpha: float | Mapping[str, float] | None = None,
            axes: Axes | Mapping[str, Axes] | None = None,
            trainable: Targets = None, rslora: bool = False,
-           init: str = "kaiming", dtype=None) -> Any:
+           init: str = "kaiming", dropout: float = 0.0, name: str = "default",
+           dtype=None) -> Any:
   """Adds LoRA adapters beside the chosen weights of a parameter tree.
 
   Pure: returns a new tree and leaves ``params`` untouched. Each adapted weight
@@ -180,7 +178,14 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
       (e.g. ``("classifier",)``): same forms as ``targets``, but names select
       every leaf of the named module.
     rslora: scale by ``alpha / sqrt(rank)`` instead.
-    init: ``"kaiming"`` or ``"gaussian"`` for ``A``.
+    init: ``"kaiming"`` or ``"gaussian"`` for ``A``, or ``"pissa"``: ``A``
+      and ``B`` from the top-``rank`` SVD of the weight, which becomes the
+      residual (see `LoRA`).
+    dropout: PEFT's ``lora_dropout`` on the adapter input; active only when
+      `lora` is given an ``rng``.
+    name: the adapter's name; a name other than ``"default"`` stores it under
+      ``lora@name`` keys, so several named adapters can share a weight (see
+      `select`).
     dtype: dtype of the adapters (default: the weight's dtype).
 
   Returns:
@@ -203,12 +208,15 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
     pre.add(f"init must be one of {_INITS}, got {init!r}")
   if axes is not None and not isinstance(axes, (Axes, Mapping)):
     pre.add(f"axes must be jlora.Axes or a {{regex: Axes}} mapping, got {axes!r}")
-  for name, value, integer in (("rank", rank, True), ("alpha", alpha, False)):
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    pre.add(f"dropout must be a number in [0, 1), got {dropout!r}")
+  check_name(name, pre)
+  for field, value, integer in (("rank", rank, True), ("alpha", alpha, False)):
     if value is None:
       continue
     values = value.items() if isinstance(value, Mapping) else [(None, value)]
     for pattern, v in values:
-      label = name if pattern is None else f"{name}[{pattern!r}]"
+      label = field if pattern is None else f"{field}[{pattern!r}]"
       msg = _targets.check_number(v, label, integer=integer)
       if msg:
         pre.add(msg + ("; use a positive integer rank such as 8" if integer else
@@ -229,8 +237,8 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
       raise ValueError(f"{where}: Axes(inputs={inputs}) does not fit shape "
                        f"{tuple(leaf.shape)} with stack={stack}")
     method = LoRA(rank=int(r), alpha=float(a), weight=path[-1], stack=stack,
-                  inputs=inputs, rslora=rslora, init=init)
-    import math
+                  inputs=inputs, rslora=rslora, init=init, dropout=float(dropout),
+                  name=name)
     n_in = math.prod(leaf.shape[stack:stack + inputs])
     n_out = math.prod(leaf.shape[stack + inputs:])
     if r > min(n_in, n_out):
@@ -240,3 +248,11 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
 
   return add_methods(params, make, key=key, targets=targets, trainable=trainable,
                      dtype=dtype, what="LoRA adapters")
+
+
+def check_name(name: Any, problems: Problems) -> None:
+  """Adapter names become part of tree keys (``lora@name``)."""
+  if not isinstance(name, str) or not name or not all(
+      c.isalnum() or c in "-_." for c in name):
+    problems.add(f"name must be a non-empty string of letters, digits, '-', '_' "
+                 f"or '.', got {name!r}")

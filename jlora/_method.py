@@ -9,13 +9,18 @@ the rank, alpha and layout straight from the tree.
 Its arrays are ordinary leaves in the same mapping, named
 ``f"{prefix}_{leaf}"`` (``lora_a``, ``lora_b``) for a ``kernel`` or
 ``embedding`` weight and ``f"{weight}_{prefix}_{leaf}"`` for a weight with any
-other name.
+other name. A method with a ``name`` other than ``"default"`` (a *named
+adapter*) uses ``f"{prefix}@{name}"`` in place of the prefix:
+``lora@task1``, ``lora@task1_a``, ``lora@task1_b``.
 
 A method supplies a few hooks, all in terms of labelled axes (see
 `jlora._labels`):
 
 * ``shapes`` / ``create``: the adapter arrays for a weight.
 * ``labels``: the label of each adapter axis, given the weight's labels.
+* ``prepare`` (optional): turns the stored arrays into the arrays in flight,
+  once per call, when the weight enters the runtime or `merge` (DoRA turns
+  its magnitude into ``m / ‖W + s·A·B‖`` here).
 * ``fold``: the dense effective weight; used by `merge` and as the runtime's
   fallback.
 * ``dot`` / ``conv`` / ``gather``: the factored form of a use of the weight.
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 from jlora._labels import Labels
 
 STANDARD_WEIGHTS = ("kernel", "embedding")
+DEFAULT_NAME = "default"  # the adapter name that keeps the plain prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,7 @@ class DotUse:
   out_labels: Labels
   precision: Any
   preferred_element_type: Any
+  rng: Any = None  # a PRNG key for this use when `lora(fn, rng=key)` got one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,7 @@ class ConvUse:
   kernel_labels: Labels   # labels of the weight, in kernel axis order
   out_feature: str        # label of the kernel's output-feature axis
   out_feature_axis: int   # where the output features sit in the result
+  rng: Any = None         # a PRNG key for this use (adapter dropout), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +113,18 @@ class Method:
 
   # -- naming -----------------------------------------------------------
   @property
+  def adapter_name(self) -> str:
+    return getattr(self, "name", DEFAULT_NAME)
+
+  @property
+  def tag(self) -> str:
+    """``prefix``, or ``prefix@name`` for a named adapter."""
+    name = self.adapter_name
+    return self.prefix if name == DEFAULT_NAME else f"{self.prefix}@{name}"
+
+  @property
   def spec_key(self) -> str:
-    return self.prefix if self.weight in STANDARD_WEIGHTS else f"{self.weight}_{self.prefix}"
+    return self.tag if self.weight in STANDARD_WEIGHTS else f"{self.weight}_{self.tag}"
 
   def leaf_key(self, leaf: str) -> str:
     return f"{self.spec_key}_{leaf}"
@@ -131,7 +149,8 @@ class Method:
     return shape[:s], shape[s:s + i], shape[s + i:]
 
   # -- hooks ------------------------------------------------------------
-  def shapes(self, weight_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+  def shapes(self, weight_shape: Sequence[int]) -> tuple[tuple[int, ...] | None, ...]:
+    """The shape of each leaf; ``None`` for a leaf of any shape."""
     raise NotImplementedError
 
   def create(self, key: jax.Array, weight: jax.Array, *, dtype) -> tuple[tuple[jax.Array, ...], jax.Array]:
@@ -140,6 +159,21 @@ class Method:
 
   def labels(self, weight: WeightLabels, tag: str) -> tuple[Labels, ...]:
     raise NotImplementedError
+
+  def prepare(self, w_labels: Labels, arrays, labels,
+              inner_weight: Callable[[], jax.Array]):
+    """The arrays in flight, from the stored ones; called once per call.
+
+    Args:
+      w_labels: the weight's labels.
+      arrays, labels: this method's stored arrays and their labels.
+      inner_weight: returns the dense weight after the methods below this
+        one (the frozen weight itself when there are none).
+
+    Returns:
+      ``(arrays, labels)`` that ``fold``/``dot``/... receive.
+    """
+    return arrays, labels
 
   def fold(self, w: jax.Array, w_labels: Labels, arrays, labels) -> jax.Array:
     raise NotImplementedError

@@ -22,9 +22,12 @@ step. It relies on public APIs only: ``jax.make_jaxpr``,
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import math
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +60,25 @@ def _warn_fallback(primitive: str, path: Path) -> None:
       "form; this use runs on the merged weight W + ΔW (correct, but it forms "
       "the dense update). This warning is shown once per weight and primitive.",
       FactoredFallbackWarning, stacklevel=4)
+
+
+# The PRNG key of the current `lora(fn, rng=key)` call (None: no dropout),
+# and how often each weight has been used in this trace, so that every use
+# of every weight draws its own dropout mask.
+_RNG: contextvars.ContextVar = contextvars.ContextVar("jlora_rng", default=None)
+_USES: contextvars.ContextVar = contextvars.ContextVar("jlora_uses", default=None)
+
+
+def _site_rng(path: Path):
+  """A key for one use of the weight at ``path``, or None without a key."""
+  rng = _RNG.get()
+  if rng is None:
+    return None
+  uses = _USES.get()
+  name = path_str(path)
+  n = uses.get(name, 0)
+  uses[name] = n + 1
+  return jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(name.encode())), n)
 
 
 class Term:
@@ -121,13 +143,23 @@ def _enter(weight: jax.Array, entry: _structure.Entry) -> Adapted:
   labels = tuple(f"s{k}_{tag}" for k in range(s)) + tuple(
       f"i{k}_{tag}" for k in range(i)) + tuple(
           f"o{k}_{tag}" for k in range(weight.ndim - s - i))
-  terms = []
-  for n, adapter in enumerate(entry.adapters):
-    wl = adapter.method.weight_labels(labels)
-    terms.append(Term(adapter.method, adapter.arrays,
-                      adapter.method.labels(wl, f"{tag}_{n}")))
   # The base weight is frozen by definition: no dense gradient is ever formed.
-  return Adapted(lax.stop_gradient(weight), labels, terms, entry.path)
+  weight = lax.stop_gradient(weight)
+  terms: list[Term] = []
+  for n, adapter in enumerate(entry.adapters):
+    method = adapter.method
+    wl = method.weight_labels(labels)
+
+    def inner_weight(_below=tuple(terms)):
+      w = weight
+      for t in _below:
+        w = t.method.fold(w, labels, t.arrays, t.labels)
+      return w
+
+    arrays, arr_labels = method.prepare(labels, adapter.arrays,
+                                        method.labels(wl, f"{tag}_{n}"), inner_weight)
+    terms.append(Term(method, arrays, arr_labels))
+  return Adapted(weight, labels, terms, entry.path)
 
 
 # ----------------------------------------------------------------------------
@@ -248,11 +280,17 @@ def _fallback(eqn, invals):
 
 
 def _apply_terms(ad: Adapted, hook: str, use, base: Callable):
-  """Composes the methods on ``ad`` around ``base``, innermost first."""
+  """Composes the methods on ``ad`` around ``base``, innermost first.
+
+  Each method's hook gets ``inner``, the computation of the methods below
+  it; the ``x`` a method passes to ``inner`` is the ``use.x`` the next one
+  sees (IA3 on the input side scales ``x`` before the inner methods).
+  """
   fn = base
   for t in ad.terms:
     def fn(*args, _t=t, _inner=fn):
-      out = getattr(_t.method, hook)(use, _t.arrays, _t.labels, _inner)
+      use_ = dataclasses.replace(use, x=args[0]) if args else use
+      out = getattr(_t.method, hook)(use_, _t.arrays, _t.labels, _inner)
       if out is None:
         raise _Unsupported
       return out
@@ -279,7 +317,7 @@ def _rule_dot_general(eqn, invals):
   w_free = [l for d, l in enumerate(ad.labels) if d not in wc and d not in wb]
   out_labels = tuple(batch + (x_free + w_free if w_is_rhs else w_free + x_free))
   use = DotUse(x, tuple(x_labels), out_labels, eqn.params.get("precision"),
-               eqn.params.get("preferred_element_type"))
+               eqn.params.get("preferred_element_type"), _site_rng(ad.path))
 
   def base(x_):
     return _bind(eqn, [x_, ad.w] if w_is_rhs else [ad.w, x_])
@@ -299,7 +337,7 @@ def _rule_conv(eqn, invals):
     return _fallback(eqn, invals)
   dn = params["dimension_numbers"]
   use = ConvUse(x, lambda x_, k_: _bind(eqn, [x_, k_]), ad.labels,
-                ad.labels[dn.rhs_spec[0]], dn.out_spec[1])
+                ad.labels[dn.rhs_spec[0]], dn.out_spec[1], _site_rng(ad.path))
   try:
     return _apply_terms(ad, "conv", use, lambda x_: _bind(eqn, [x_, ad.w]))(x)
   except _Unsupported:
@@ -464,9 +502,19 @@ def _rule_scan(eqn, invals):
       terms.append(Term(t.method, arrays, labels))
     return Adapted(x[0], v.labels[1:], terms, v.path)
 
+  rng = _RNG.get()
+  if rng is not None:  # each iteration (layer) draws its own dropout masks
+    packed.append(jax.random.split(rng, p["length"]))
+
   def body(c, x):
-    x = [xi if info is None else unpack(xi, info) for xi, info in zip(x, rebuild)]
-    outs = _dense(_eval(body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *c, *x]), "scan")
+    x = list(x)
+    token = _RNG.set(x.pop()) if rng is not None else None
+    try:
+      x = [xi if info is None else unpack(xi, info) for xi, info in zip(x, rebuild)]
+      outs = _dense(_eval(body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *c, *x]), "scan")
+    finally:
+      if token is not None:
+        _RNG.reset(token)
     return outs[:n_carry], outs[n_carry:]
 
   carry_out, ys = lax.scan(body, carry, packed, length=p["length"],
@@ -546,7 +594,7 @@ def _is_dynamic(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def lora(fn: Callable) -> Callable:
+def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
   """Makes ``fn`` run with the adapters in a jlora tree, in factored form.
 
   ``fn``'s first argument is a parameter tree (anything `lorify` accepts:
@@ -566,8 +614,15 @@ def lora(fn: Callable) -> Callable:
   (flags, strings, ``rngs`` dicts of keys are arrays) is passed through as a
   static Python value.
 
+  Adapter dropout (``LoRA(dropout=p)``, PEFT's ``lora_dropout``) is active
+  only when ``rng`` is given: build the wrapper inside the training step with
+  that step's key, ``jlora.lora(apply, rng=step_key)(params, x)``. Each use of
+  each weight (and each layer of a scanned stack) draws its own mask from
+  ``rng``; without ``rng`` (evaluation) the adapter path is deterministic.
+
   Args:
     fn: a function whose first positional argument is the parameter tree.
+    rng: a PRNG key for adapter dropout, or None for none.
 
   Returns:
     A function with ``fn``'s signature that accepts a jlora tree.
@@ -602,8 +657,13 @@ def lora(fn: Callable) -> Callable:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(base_leaves, dyn_vals)
     invals = [_enter(v, entries[p]) if p in entries else v
               for p, v in zip(paths, base_leaves)]
-    outs = _eval(closed.jaxpr, closed.consts, [*invals, *dyn_vals])
-    outs = _dense(outs, "output")
+    tokens = _RNG.set(rng), _USES.set({})
+    try:
+      outs = _eval(closed.jaxpr, closed.consts, [*invals, *dyn_vals])
+      outs = _dense(outs, "output")
+    finally:
+      _RNG.reset(tokens[0])
+      _USES.reset(tokens[1])
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped

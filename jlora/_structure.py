@@ -102,7 +102,7 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
           problems.add(f"{leaf_path}: missing adapter array for {method.describe()}; "
                        "re-create the adapters with lorify or load them with load_adapters")
           ok = False
-        elif tuple(arr.shape) != tuple(shape):
+        elif shape is not None and tuple(arr.shape) != tuple(shape):
           problems.add(f"{leaf_path}: shape {tuple(arr.shape)} does not fit "
                        f"{method.weight} {tuple(weight.shape)} under {method.describe()} "
                        f"(expected {tuple(shape)}); the adapter belongs to another "

@@ -73,8 +73,10 @@ class TrainState(NamedTuple):
       frozen), in its own dtype.
     opt_state: the optimizer state of ``adapters``.
     key: a PRNG key, or ``None``. When set, the loss function receives
-      ``fold_in(key, step)`` (and, with accumulation, that folded in again
-      with the micro-batch index) as its third argument.
+      ``fold_in(key, step)`` as its third argument; with accumulation, that
+      folded in again with the micro-batch index; in the ``pmap`` form,
+      folded in first with the device index (the other forms see one global
+      batch, so one key serves every device).
   """
 
   step: jax.Array
@@ -214,7 +216,8 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
     loss_fn: ``loss_fn(params, batch)`` (or ``loss_fn(params, batch, key)``
       when the state holds a key) returning a scalar loss, the mean over the
       batch's rows; with ``has_aux``, ``(loss, aux)``. ``params`` is the full
-      lorified tree; run the model with ``jlora.lora(model.apply)(params, ...)``.
+      lorified tree; run the model with ``jlora.lora(model.apply)(params, ...)``,
+      or with ``jlora.lora(model.apply, rng=key)`` for adapter dropout.
     tx: the optax transformation for the adapters; it sees only the adapters
       half, so it needs no masking.
     params: the lorified tree (used for its structure, shapes and, with
@@ -323,6 +326,8 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
 
   def body(state: TrainState, frozen, batch):
     key = None if state.key is None else jax.random.fold_in(state.key, state.step)
+    if key is not None and axis_name is not None:  # pmap: each device its own key
+      key = jax.random.fold_in(key, lax.axis_index(axis_name))
     if accumulate == 1:
       (loss, aux), grads = grad_of(state.adapters, frozen, batch, key)
     else:

@@ -114,7 +114,7 @@ def test_bert_classifier_head(minilm):
     assert set(cls_params) == {"bert", "classifier"}
     batch = bert.tokenize(tok, ["Hello world", "Another, longer sentence here."])
     model = bert.BertClassifier(config, num_labels=8)
-    out = model.apply({"params": cls_params}, batch["input_ids"], batch["attention_mask"])
+    out = jax.jit(model.apply)({"params": cls_params}, batch["input_ids"], batch["attention_mask"])
     assert out.shape == (2, 8) and out.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -207,12 +207,17 @@ def test_tiny_llama_is_causal():
                             intermediate_size=48)
     model = llama.LlamaForCausalLM(cfg)
     ids = jnp.array([[3, 7, 11, 2, 9, 4]])
-    params = model.init(jax.random.PRNGKey(0), ids)["params"]
-    out1 = model.apply({"params": params}, ids)
-    out2 = model.apply({"params": params}, ids.at[0, 4].set(13))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
+    apply = jax.jit(model.apply)
+    out1 = apply({"params": params}, ids)
+    out2 = apply({"params": params}, ids.at[0, 4].set(13))
     assert out1.shape == (1, 6, 50)
     np.testing.assert_allclose(out1[:, :4], out2[:, :4], atol=1e-5)
     assert float(jnp.max(jnp.abs(out1[:, 4:] - out2[:, 4:]))) > 1e-4
+    # bfloat16 compute with float32 params (valid under strict dtype promotion).
+    half = jax.jit(llama.LlamaForCausalLM(cfg, dtype=jnp.bfloat16).apply)({"params": params}, ids)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, out1, atol=0.1)
 
 
 # --------------------------------------------------------------------------- data

@@ -9,18 +9,19 @@ LoRA library can target layers by name)::
 
     embeddings/{word_embeddings, position_embeddings, token_type_embeddings}
                                                  nn.Embed, param "embedding"
-    embeddings/LayerNorm                         nn.LayerNorm
+    embeddings/LayerNorm                         LayerNorm (scale, bias)
     encoder/layer_{i}/attention/{query,key,value,out}   nn.Dense (in, out)
-    encoder/layer_{i}/attention_norm             nn.LayerNorm (post-LN)
+    encoder/layer_{i}/attention_norm             LayerNorm (post-LN)
     encoder/layer_{i}/intermediate               nn.Dense 384 -> 1536
     encoder/layer_{i}/output                     nn.Dense 1536 -> 384
-    encoder/layer_{i}/output_norm                nn.LayerNorm (post-LN)
+    encoder/layer_{i}/output_norm                LayerNorm (post-LN)
 
 :class:`BertClassifier` wraps it as ``bert/...`` plus a ``classifier`` Dense.
 
-Example:
-    >>> config, params, tok = load_minilm()
-    >>> vecs = embed(["A man is playing a guitar."])   # (1, 384), L2-normalised
+Example::
+
+    config, params, tok = load_minilm()
+    vecs = embed(["A man is playing a guitar."])   # (1, 384), L2-normalised
 """
 
 from __future__ import annotations
@@ -94,6 +95,32 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with float32 statistics (params ``scale``/``bias``).
+
+    Flax's ``nn.LayerNorm`` promotes bfloat16 inputs implicitly, which fails
+    under ``jax_numpy_dtype_promotion="strict"``; this casts explicitly.
+
+    Attributes:
+        epsilon: Variance epsilon.
+        dtype: Output dtype.
+    """
+
+    epsilon: float = 1e-12
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(self.dtype)
+
+
 class BertEmbeddings(nn.Module):
     """Word + position + token-type embeddings followed by LayerNorm."""
 
@@ -110,7 +137,7 @@ class BertEmbeddings(nn.Module):
             + embed(c.max_position_embeddings, name="position_embeddings")(positions)
             + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
         )
-        x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
+        x = LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -148,7 +175,7 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, deterministic: bool = True):
         c = self.config
-        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype)
+        norm = functools.partial(LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype)
         drop = nn.Dropout(c.hidden_dropout_prob)
         a = BertSelfAttention(c, dtype=self.dtype, name="attention")(
             x, attention_mask, deterministic

@@ -102,6 +102,28 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (param ``scale``), cast back to ``dtype``.
+
+    Explicit casts keep it valid under ``jax_numpy_dtype_promotion="strict"``
+    with bfloat16 activations (Flax's ``nn.RMSNorm`` promotes implicitly).
+
+    Attributes:
+        epsilon: Epsilon added to the mean square.
+        dtype: Output dtype.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
 class LlamaAttention(nn.Module):
     """Causal grouped-query self-attention with RoPE."""
 
@@ -155,7 +177,7 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask):
         c = self.config
-        norm = functools.partial(nn.RMSNorm, epsilon=c.rms_norm_eps, dtype=self.dtype)
+        norm = functools.partial(RMSNorm, epsilon=c.rms_norm_eps, dtype=self.dtype)
         x = x + LlamaAttention(c, dtype=self.dtype, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, mask
         )
@@ -174,7 +196,7 @@ class LlamaModel(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
         self.layers = [LlamaDecoderLayer(c, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
-        self.norm = nn.RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype)
+        self.norm = RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype)
 
     def __call__(self, input_ids, positions=None):
         """Args: input_ids (batch, seq); positions (seq,) defaulting to arange."""

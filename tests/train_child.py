@@ -1,0 +1,222 @@
+"""Subprocess entry points for the training tests.
+
+Device counts, ``jax.distributed`` and SIGKILL need a process of their own;
+the tests in ``test_train_scale.py`` and ``test_checkpoint.py`` run this file
+as ``python tests/train_child.py MODE --out DIR ...`` with ``XLA_FLAGS`` (and
+``PYTHONPATH``) set. Each mode writes its results under ``--out``. Importing
+this module does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+
+def _mesh(n: int | None = None):
+  import jax
+  devices = jax.devices()[:n] if n else jax.devices()
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _run(trainer, params, steps: int, *, key=None, rows: int = 16, start_state=None):
+  import numpy as np
+
+  import train_case as tc
+  state, frozen = trainer.init(params, key=key)
+  if start_state is not None:
+    state = start_state
+  losses = []
+  for i in range(steps):
+    state, metrics = trainer.step(state, frozen, trainer.shard_batch(tc.batch(i, rows)))
+    losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+  return state, frozen, losses
+
+
+def equivalence(out: str) -> None:
+  """The jit, pmap, mesh (DP) and mesh FSDP forms, the last with gradient
+  accumulation too, from the same start; and XLA's memory analysis of the
+  replicated and FSDP steps."""
+  import jax
+  import numpy as np
+
+  import jlora
+  import train_case as tc
+  params = tc.lorified()
+  mesh = _mesh()
+  forms = {"jit": {}, "pmap": dict(pmap=True), "mesh": dict(mesh=mesh),
+           "fsdp": dict(mesh=mesh, fsdp=True),
+           "fsdp_acc2": dict(mesh=mesh, fsdp=True, accumulate=2)}
+  results = {"memory": {}}
+  for name, kw in forms.items():
+    trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, **kw)
+    state, frozen = trainer.init(params)
+    batches = [trainer.shard_batch(tc.batch(i)) for i in range(3)]
+    step = trainer.step
+    if name in ("mesh", "fsdp"):  # compile once, analyse, and run that program
+      step = trainer.step.lower(state, frozen, batches[0]).compile()
+      stats = step.memory_analysis()
+      state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+      batch_bytes = sum(x.nbytes for x in jax.tree.leaves(batches[0])) // mesh.size
+      held = max(sum(s.data.nbytes for x in jax.tree.leaves(frozen)
+                     for s in x.addressable_shards if s.device == d)
+                 for d in mesh.devices.flat)
+      results["memory"]["replicated" if name == "mesh" else name] = {
+          "argument_bytes": stats.argument_size_in_bytes,
+          "temp_bytes": stats.temp_size_in_bytes,
+          "frozen_argument_bytes": stats.argument_size_in_bytes - state_bytes - batch_bytes,
+          "frozen_held_bytes": held,
+          "frozen_total_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen))}
+    losses = []
+    for b in batches:
+      state, metrics = step(state, frozen, b)
+      losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+    adapters = tc.flat(state.adapters)
+    if name == "pmap":
+      adapters = {k: v[0] for k, v in adapters.items()}
+    np.savez(os.path.join(out, f"{name}.npz"), **adapters)
+    results[name] = {"losses": losses,
+                     "dtypes": sorted({str(v.dtype) for v in adapters.values()})}
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+def reshard(out: str) -> None:
+  """Save on an 8-device FSDP mesh; restore on 4 devices and on 1."""
+  import jax
+  import numpy as np
+
+  import jlora
+  import train_case as tc
+  params = tc.lorified()
+  key = jax.random.key(7)
+  trainer8 = jlora.train_step(tc.loss_fn, tc.optimizer(), params, mesh=_mesh(),
+                              fsdp=True, accumulate=2)
+  state, frozen, _ = _run(trainer8, params, 2, key=key)
+  saved = tc.flat(state)
+  ckdir = os.path.join(out, "ckpt")
+  with jlora.Checkpoints(ckdir, every=1) as ckpts:
+    ckpts.save(state, data={"next": 2})
+  state8, m8 = trainer8.step(state, frozen, trainer8.shard_batch(tc.batch(2)))
+  report = {"loss8": float(m8["loss"])}
+  for name, kw in (("mesh4", dict(mesh=_mesh(4))), ("jit1", {})):
+    trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, accumulate=2, **kw)
+    like, frozen_n = trainer.init(params, key=jax.random.key(0))
+    with jlora.Checkpoints(ckdir) as ckpts:
+      restored, data = ckpts.restore(like)
+    got = tc.flat(restored)
+    report[name] = {
+        "data": data,
+        "equal": sorted(k for k in saved if np.array_equal(saved[k], got[k])),
+        "devices": len(jax.tree.leaves(restored.adapters)[0].sharding.device_set),
+    }
+    state_n, m = trainer.step(restored, frozen_n, trainer.shard_batch(tc.batch(2)))
+    report[name]["loss"] = float(m["loss"])
+    diff = max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(tc.flat(state_n.adapters)),
+                   jax.tree.leaves(tc.flat(state8.adapters))))
+    report[name]["max_adapter_diff"] = diff
+  report["keys"] = sorted(saved)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(report, f, indent=1)
+
+
+def multiprocess(out: str, pid: int, port: int, nproc: int) -> None:
+  """One of ``nproc`` processes: data-parallel FSDP over all their devices,
+  each process loading only its rows of every batch."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+  import numpy as np
+
+  import jlora
+  import train_case as tc
+  params = tc.lorified()
+  trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, mesh=_mesh(), fsdp=True)
+  state, frozen = trainer.init(params)
+  rows = 16 // nproc
+  losses = []
+  for i in range(3):
+    local = {k: v[pid * rows:(pid + 1) * rows] for k, v in tc.batch(i).items()}
+    state, metrics = trainer.step(state, frozen, trainer.shard_batch(local))
+    losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+  adapters = {k: np.asarray(x.addressable_data(0)) for k, x in
+              zip(tc.flat(state.adapters), jax.tree.leaves(state.adapters))}
+  np.savez(os.path.join(out, f"process{pid}.npz"), **adapters)
+  with open(os.path.join(out, f"process{pid}.json"), "w") as f:
+    json.dump({"losses": losses, "devices": jax.device_count(),
+               "local_devices": jax.local_device_count()}, f)
+  jax.distributed.shutdown()
+
+
+def train(out: str, steps: int, every: int, crash_at: int | None = None) -> None:
+  """Trains ``steps`` steps, resuming from ``out/ckpt`` if it holds a
+  checkpoint; prints ``step N`` after each step. Batches are a function of the
+  step alone, so a resumed run sees the same data as an uninterrupted one.
+
+  With ``crash_at``, the process SIGKILLs itself while orbax finalises the
+  save of that step (after its files are written, before the rename that
+  commits it).
+  """
+  import jax
+  import numpy as np
+
+  import jlora
+  import train_case as tc
+  if crash_at is not None:
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def crash(self, *a, **k):
+      if os.path.basename(str(self.get_final())) == str(crash_at):
+        print(f"crashing in save {crash_at}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await finalize(self, *a, **k)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = crash
+  params = tc.lorified()
+  trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, accumulate=2)
+  state, frozen = trainer.init(params, key=jax.random.key(42))
+  with jlora.Checkpoints(os.path.join(out, "ckpt"), every=every, keep=2) as ckpts:
+    position = 0
+    if ckpts.latest_step() is not None:
+      state, data = ckpts.restore(state)
+      position = data["next_batch"]
+      print(f"resumed {int(state.step)}", flush=True)
+    while position < steps:
+      state, _ = trainer.step(state, frozen, tc.batch(position))
+      position += 1
+      ckpts.save(state, data={"next_batch": position})
+      print(f"step {position}", flush=True)
+  np.savez(os.path.join(out, "final.npz"), **tc.flat(state.adapters))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["equivalence", "reshard", "multiprocess", "train"])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--pid", type=int, default=0)
+  parser.add_argument("--nproc", type=int, default=2)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--every", type=int, default=2)
+  parser.add_argument("--crash-at", type=int, default=None)
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  if args.mode == "equivalence":
+    equivalence(args.out)
+  elif args.mode == "reshard":
+    reshard(args.out)
+  elif args.mode == "multiprocess":
+    multiprocess(args.out, args.pid, args.port, args.nproc)
+  else:
+    train(args.out, args.steps, args.every, args.crash_at)
+
+
+if __name__ == "__main__":
+  sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
+  main()
