@@ -31,12 +31,10 @@ A method supplies a few hooks, all in terms of labelled axes (see
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 
 from jlora._labels import Labels
 
@@ -189,13 +187,3 @@ class Method:
 
   def describe(self) -> str:
     return type(self).__name__
-
-
-def io_sizes(method: Method, shape: Sequence[int]) -> tuple[int, int]:
-  """Flattened (input, output) sizes of one (un-stacked) weight."""
-  _, i, o = method.split_shape(shape)
-  return math.prod(i), math.prod(o)
-
-
-def float_dtype(*arrays: jax.Array):
-  return jnp.result_type(*(a.dtype for a in arrays))

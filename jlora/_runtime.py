@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import math
 import warnings
 import zlib
 from collections.abc import Callable, Sequence

@@ -69,16 +69,6 @@ def eligible_default(key: Any, leaf: Any) -> bool:
           and jnp.issubdtype(leaf.dtype, jnp.floating))
 
 
-def describe_targets(targets: Targets) -> str:
-  if targets is None:
-    return "all"
-  if isinstance(targets, re.Pattern):
-    return f"re:{targets.pattern}"
-  if callable(targets):
-    return f"predicate:{getattr(targets, '__name__', 'fn')}"
-  return ",".join(targets)
-
-
 def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
            what: str, problems) -> list[tuple[Path, Any]]:
   """The candidates that ``targets`` picks; adds a problem if it picks none.
