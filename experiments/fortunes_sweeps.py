@@ -15,7 +15,7 @@ data set, cached probe features and cached runs:
    same shape and norm.
 
 Settings come from ``configs/minilm_fortunes.py``, overridden by the sweep's
-own (shorter inputs, fewer steps; see ``SWEEP``) and then by the command
+own (see ``SWEEP``: the main job's budget, evaluation only at the end) and then by the command
 line. Each finished run is cached under ``runs/sweeps`` (keyed by its
 settings), so an interrupted sweep resumes and sections share runs (the
 rank sweep's r=8 seed-0 run is the comparison's LoRA seed-0 run). Writes
@@ -50,11 +50,11 @@ SWEEP = dict(
               "query+key+value+out"),
     structure_ranks=(8, 64),    # the two ranks compared by φ
     structure_layer=5,          # the layer shown in the φ heatmaps (all layers are averaged too)
-    max_len=32,
-    batch_size=16,
-    steps=60,
-    warmup=6,
-    eval_every=60,
+    max_len=64,                 # the main job's budget: 150 steps x 32 quotes x 64 tokens
+    batch_size=32,
+    steps=150,
+    warmup=15,
+    eval_every=150,
     probe_steps=2000,
     train_size=0,
     test_size=0,

@@ -12,15 +12,20 @@ config, ``configs/minilm_fortunes.py``), over several seeds:
 
 Usage::
 
-  python -m experiments.methods_compare                  # 3 seeds, full config
+  python -m experiments.methods_compare                  # seeds 0, 1, 2; full config
   python -m experiments.methods_compare --quick --seeds=1
-  python -m experiments.methods_compare --methods=ia3,dora --steps=100
+  python -m experiments.methods_compare --methods=ia3,dora --seeds=1,2
 
-Writes ``runs/methods_compare.json`` and prints a table (mean ± std).
+``--seeds=N`` means seeds 0..N-1; ``--seeds=1,2`` lists them. Each finished
+run is cached as ``runs/methods/<method>-s<seed>-<hash of settings>.json``, so
+runs made by separate invocations add up: the table covers every cached run
+of the current settings. Writes ``runs/methods_compare.json`` and prints the
+table (mean ± sample std).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -85,6 +90,19 @@ def run(task, cfg, method: str, seed: int) -> dict:
           "merged_max_abs_logit_diff": float(np.max(np.abs(merged - logits)))}
 
 
+def seed_list(spec: str) -> list[int]:
+  """``"3"`` -> [0, 1, 2]; ``"1,2"`` -> [1, 2]."""
+  return [int(x) for x in spec.split(",")] if "," in spec else list(range(int(spec)))
+
+
+def cache_path(cfg, method: str, seed: int) -> str:
+  keys = {k: v for k, v in cfg.items() if k not in ("seed", "progress", "run_name", "out_dir",
+                                                    "compile_cache", "eval_every", "ckpt_every",
+                                                    "ckpt_keep", "method")}
+  digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=list).encode()).hexdigest()[:12]
+  return os.path.join(cfg["out_dir"], "methods", f"{method}-s{seed}-{digest}.json")
+
+
 def main(argv=None) -> list[dict]:
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = {"methods": "lora,ia3,dora", "seeds": "3", "ia3_lr": "1e-2"}
@@ -99,16 +117,29 @@ def main(argv=None) -> list[dict]:
   cfg["ia3_lr"] = float(extra["ia3_lr"])
   task = fortunes.task_from(cfg)
   rows = []
-  for method in extra["methods"].split(","):
-    for seed in range(int(extra["seeds"])):
-      rows.append(run(task, cfg, method, seed))
-      print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+  methods = extra["methods"].split(",")
+  for method in methods:
+    for seed in seed_list(extra["seeds"]):
+      path = cache_path(cfg, method, seed)
+      if not os.path.isfile(path):
+        row = run(task, cfg, method, seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+          json.dump(row, f, indent=2)
+        os.replace(path + ".tmp", path)
+        print(json.dumps(row), flush=True)
+  for method in methods:  # every cached run of these settings, seeds in order
+    for seed in range(1000):
+      path = cache_path(cfg, method, seed)
+      if os.path.isfile(path):
+        with open(path) as f:
+          rows.append(json.load(f))
   os.makedirs(cfg["out_dir"], exist_ok=True)
   with open(os.path.join(cfg["out_dir"], "methods_compare.json"), "w") as f:
     json.dump({"config": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, list, tuple))},
                "rows": rows}, f, indent=2)
   print(f"\n{'method':6} {'adapter params':>15} {'test acc (mean ± std)':>24}  seeds")
-  for method in extra["methods"].split(","):
+  for method in methods:
     accs = [r["test_acc"] for r in rows if r["method"] == method]
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     n = next(r["adapter_params"] for r in rows if r["method"] == method)

@@ -91,6 +91,17 @@ def chain(x: jnp.ndarray, x_labels: Sequence[str],
   return unflatten(einsum(out, (t, mid), (f2, l2), **kw))
 
 
+def contract(out: Sequence[str], t: tuple[jnp.ndarray, Sequence[str]],
+             factor: tuple[jnp.ndarray, Sequence[str]], *, precision=None,
+             preferred_element_type=None) -> jnp.ndarray:
+  """``t·factor`` in ``out`` layout, with ``t``'s free axes merged as in `chain`."""
+  (t, t_labels), (f, f_labels) = t, factor
+  t, t_labels, out, unflatten = _collapse_free(t, t_labels, [factor], out)
+  f = f.astype(t.dtype) if f.dtype != t.dtype else f
+  return unflatten(einsum(out, (t, t_labels), (f, f_labels), precision=precision,
+                          preferred_element_type=preferred_element_type))
+
+
 def _collapse_free(x, x_labels, factors, out):
   """Merges x's run of axes that no factor has (batch, tokens) into one.
 

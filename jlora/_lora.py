@@ -117,7 +117,18 @@ class LoRA(Method):
                            (b.astype(dtype), labels[1]))
     return (w.astype(dtype) + delta * jnp.asarray(self.scale, dtype)).astype(w.dtype)
 
+  def down(self, arrays, labels, *, training):
+    if self.dropout and training:
+      return None  # each use draws its own dropout mask of x
+    return arrays[0], labels[0], self.scale
+
   def dot(self, use: DotUse, arrays, labels, inner):
+    if use.down is not None:  # s·x·A was computed with other weights' A (fusion)
+      base = inner(use.x)
+      delta = _labels.contract(use.out_labels, use.down, (arrays[1], labels[1]),
+                               precision=use.precision,
+                               preferred_element_type=use.preferred_element_type)
+      return base + delta.astype(base.dtype)
     delta = _labels.chain(dropout(use.x, self.dropout, use.rng), use.x_labels, list(zip(arrays, labels)),
                           use.out_labels, scale=self.scale,
                           precision=use.precision,

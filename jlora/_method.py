@@ -65,6 +65,10 @@ class DotUse:
   precision: Any
   preferred_element_type: Any
   rng: Any = None  # a PRNG key for this use when `lora(fn, rng=key)` got one
+  # ``(t, t_labels)``: ``x`` already contracted with this method's `Method.down`
+  # factor and scaled, computed once for all weights that share ``x`` (labels:
+  # x's free labels, then the factor's own). None: the method computes it.
+  down: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +181,18 @@ class Method:
     raise NotImplementedError
 
   def dot(self, use: DotUse, arrays, labels, inner) -> jax.Array | None:
+    return None
+
+  def down(self, arrays, labels, *, training: bool):
+    """The factor a `dot` contracts with ``x`` first, for shared-input fusion.
+
+    Returns ``(factor, factor_labels, scale)`` or None (the default: no
+    fusion). When several weights are used with the same ``x`` (q, k and v of
+    one attention layer), the runtime concatenates their factors into one
+    matmul and hands each method its scaled slice as ``DotUse.down``; `dot`
+    must then use it in place of ``scale · x·factor``. The factor's labels must
+    be the weight's contracted labels plus labels of its own.
+    """
     return None
 
   def conv(self, use: ConvUse, arrays, labels, inner) -> jax.Array | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import math
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -300,13 +301,9 @@ class _Unsupported(Exception):
   pass
 
 
-def _rule_dot_general(eqn, invals):
-  lhs, rhs = invals
-  if isinstance(lhs, Adapted) and isinstance(rhs, Adapted):
-    return _fallback(eqn, invals)
+def _dot_use(eqn, ad: Adapted, x, w_is_rhs: bool):
+  """The labelled `DotUse` of ``dot_general(x, W)`` and the plain ``x·W``."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  w_is_rhs = isinstance(rhs, Adapted)
-  ad, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
   xc, wc, xb, wb = (lc, rc, lb, rb) if w_is_rhs else (rc, lc, rb, lb)
   x_labels = [_labels.fresh() for _ in range(x.ndim)]
   for xd, wd in zip((*xc, *xb), (*wc, *wb)):
@@ -321,6 +318,16 @@ def _rule_dot_general(eqn, invals):
   def base(x_):
     return _bind(eqn, [x_, ad.w] if w_is_rhs else [ad.w, x_])
 
+  return use, base
+
+
+def _rule_dot_general(eqn, invals):
+  lhs, rhs = invals
+  if isinstance(lhs, Adapted) and isinstance(rhs, Adapted):
+    return _fallback(eqn, invals)
+  w_is_rhs = isinstance(rhs, Adapted)
+  ad, x = (rhs, lhs) if w_is_rhs else (lhs, rhs)
+  use, base = _dot_use(eqn, ad, x, w_is_rhs)
   try:
     return _apply_terms(ad, "dot", use, base)(x)
   except _Unsupported:
@@ -570,11 +577,7 @@ def _eval(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> lis
   def read(v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
-  for v, val in zip(jaxpr.constvars, consts):
-    env[v] = val
-  for v, val in zip(jaxpr.invars, args):
-    env[v] = val
-  for eqn in jaxpr.eqns:
+  def run(eqn):
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(v, Adapted) for v in invals):
       rule = _RULES.get(eqn.primitive.name, _fallback)
@@ -586,14 +589,145 @@ def _eval(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> lis
     for v, val in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar):
         env[v] = val
+
+  for v, val in zip(jaxpr.constvars, consts):
+    env[v] = val
+  for v, val in zip(jaxpr.invars, args):
+    env[v] = val
+  plan = _plan(jaxpr, [v for v, val in env.items() if isinstance(val, Adapted)])
+  done: set[int] = set()
+
+  def produce(var):  # evaluates, ahead of its turn, the shape ops that make a weight
+    if isinstance(var, jcore.Literal) or var in env:
+      return
+    k = plan.producer[var]
+    produce(jaxpr.eqns[k].invars[0])
+    run(jaxpr.eqns[k])
+    done.add(k)
+
+  for i, eqn in enumerate(jaxpr.eqns):
+    if i in done:
+      continue
+    if plan is not None and i in plan.groups:
+      done.update(_run_fused([(jaxpr.eqns[j], j, rhs) for j, rhs in plan.groups[i]],
+                             read, produce, env))
+      if i in done:
+        continue
+    run(eqn)
   return [read(v) for v in jaxpr.outvars]
+
+
+# ----------------------------------------------------------------------------
+# Shared-input fusion.
+#
+# q, k and v of an attention layer (gate and up of a gated MLP) multiply the
+# same x. Their rank-r down-projections x·A are skinny matmuls that XLA:CPU
+# runs far below peak, three times forward and six times backward (dA = xᵀ·g,
+# dx += g·Aᵀ). Fusion concatenates the down-projection factors of such a
+# group and does each of those as one wider matmul (BENCHMARKS.md). The
+# group is found on the jaxpr: dot_generals whose non-weight operand is the
+# same variable, contracted on the same axes; the shape ops that make their
+# weights (casts, reshapes) are evaluated early, which is safe because they
+# depend on the weight alone.
+
+_FUSE: contextvars.ContextVar = contextvars.ContextVar("jlora_fuse", default=True)
+_WEIGHT_OPS = frozenset({"convert_element_type", "transpose", "reshape", "squeeze",
+                         "broadcast_in_dim", "slice", "copy", "copy_p"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  groups: dict[int, list[tuple[int, bool]]]  # leader -> [(eqn index, weight is rhs)]
+  producer: dict[Any, int]                   # weight-derived var -> its eqn index
+
+
+def _plan(jaxpr: jcore.Jaxpr, adapted: Sequence[Any]) -> _Plan | None:
+  if not adapted or not _FUSE.get():
+    return None
+  weights, producer, groups = set(adapted), {}, {}
+
+  def is_weight(v):
+    return isinstance(v, jcore.Var) and v in weights
+
+  for i, eqn in enumerate(jaxpr.eqns):
+    name = eqn.primitive.name
+    if name in _WEIGHT_OPS and len(eqn.invars) == 1 and is_weight(eqn.invars[0]):
+      weights.add(eqn.outvars[0])
+      producer[eqn.outvars[0]] = i
+    elif name == "dot_general" and is_weight(eqn.invars[0]) != is_weight(eqn.invars[1]):
+      (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+      rhs = is_weight(eqn.invars[1])
+      x = eqn.invars[0] if rhs else eqn.invars[1]
+      if lb or not isinstance(x, jcore.Var):
+        continue
+      key = (x, tuple(lc if rhs else rc), str(eqn.params.get("precision")),
+             str(eqn.params.get("preferred_element_type")))
+      groups.setdefault(key, []).append((i, rhs))
+  groups = {g[0][0]: g for g in groups.values() if len(g) > 1}
+  return _Plan(groups, producer) if groups else None
+
+
+def _run_fused(members, read, produce, env) -> set[int]:
+  """Evaluates a group's fusable dots together; returns their eqn indices.
+
+  A dot is fusable when its weight carries one method whose `Method.down`
+  gives a factor (LoRA without active dropout). Fewer than two: nothing.
+  """
+  training = _RNG.get() is not None
+  ready = []
+  for eqn, index, rhs in members:
+    produce(eqn.invars[1 if rhs else 0])
+    ad = read(eqn.invars[1 if rhs else 0])
+    if not isinstance(ad, Adapted) or len(ad.terms) != 1:
+      continue
+    t = ad.terms[0]
+    down = t.method.down(t.arrays, t.labels, training=training)
+    if down is not None:
+      ready.append((eqn, index, rhs, ad, down))
+  if len(ready) < 2:
+    return set()
+  x = read(members[0][0].invars[0 if members[0][2] else 1])
+  contracted_dims = sorted(ready[0][0].params["dimension_numbers"][0][0 if ready[0][2] else 1])
+  free_dims = [d for d in range(x.ndim) if d not in contracted_dims]
+  free_shape = tuple(x.shape[d] for d in free_dims)
+  cols, fused = [], []
+  for eqn, index, rhs, ad, (factor, f_labels, scale) in ready:
+    use, base = _dot_use(eqn, ad, x, rhs)
+    contracted = [use.x_labels[d] for d in contracted_dims]
+    own = [l for l in f_labels if l not in contracted]
+    if (any(l not in f_labels for l in contracted) or
+        any(l in use.x_labels or l in use.out_labels for l in own)):
+      continue
+    perm = [f_labels.index(l) for l in (*contracted, *own)]
+    own_shape = tuple(factor.shape[f_labels.index(l)] for l in own)
+    cols.append(jnp.transpose(factor, perm).reshape(-1, math.prod(own_shape)).astype(x.dtype))
+    fused.append((eqn, index, rhs, ad, use, base, own, own_shape, scale))
+  if len(fused) < 2:
+    return set()
+  p = fused[0][4]
+  x2 = jnp.transpose(x, free_dims + contracted_dims).reshape(math.prod(free_shape), -1)
+  h = jnp.einsum("mk,kr->mr", x2, jnp.concatenate(cols, axis=1), precision=p.precision,
+                 preferred_element_type=p.preferred_element_type)
+  start = 0
+  for (eqn, index, rhs, ad, use, base, own, own_shape, scale), col in zip(fused, cols):
+    t = h[:, start:start + col.shape[1]] * jnp.asarray(scale, h.dtype)
+    start += col.shape[1]
+    t_labels = tuple(use.x_labels[d] for d in free_dims) + tuple(own)
+    use = dataclasses.replace(use, down=(t.reshape(free_shape + own_shape), t_labels))
+    try:
+      out = _apply_terms(ad, "dot", use, base)(x)
+    except _Unsupported:
+      out = _fallback(eqn, [x, ad] if rhs else [ad, x])
+    if not isinstance(eqn.outvars[0], jcore.DropVar):
+      env[eqn.outvars[0]] = out
+  return {index for _, index, *_ in fused}
 
 
 def _is_dynamic(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
+def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Callable:
   """Makes ``fn`` run with the adapters in a jlora tree, in factored form.
 
   ``fn``'s first argument is a parameter tree (anything `lorify` accepts:
@@ -622,6 +756,9 @@ def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
   Args:
     fn: a function whose first positional argument is the parameter tree.
     rng: a PRNG key for adapter dropout, or None for none.
+    fuse: compute the down-projections ``x·A`` of weights that share their
+      input (q, k, v; gate, up) as one matmul. The result is the same up to
+      float rounding; ``False`` gives one skinny matmul per weight.
 
   Returns:
     A function with ``fn``'s signature that accepts a jlora tree.
@@ -656,13 +793,14 @@ def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(base_leaves, dyn_vals)
     invals = [_enter(v, entries[p]) if p in entries else v
               for p, v in zip(paths, base_leaves)]
-    tokens = _RNG.set(rng), _USES.set({})
+    tokens = _RNG.set(rng), _USES.set({}), _FUSE.set(fuse)
     try:
       outs = _eval(closed.jaxpr, closed.consts, [*invals, *dyn_vals])
       outs = _dense(outs, "output")
     finally:
       _RNG.reset(tokens[0])
       _USES.reset(tokens[1])
+      _FUSE.reset(tokens[2])
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped

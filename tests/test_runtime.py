@@ -186,3 +186,91 @@ def test_conv_transpose_and_grouped_conv_fall_back_correctly():
   with pytest.warns(jlora.FactoredFallbackWarning):
     got = jlora.lora(m.apply)(params, x)
   assert_trees_close(got, m.apply(jlora.merge(params), x), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Shared-input fusion: weights used with the same x get one down-projection.
+
+
+class _SharedInput(nn.Module):
+  """q, k, v on one x (multi-axis kernels), gate/up on another, a tied output."""
+
+  v_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda name, **kw: nn.DenseGeneral((2, 3), name=name, **kw)
+    q, k, v = dense("q")(x), dense("k")(x), dense("v", dtype=self.v_dtype)(x)
+    h = jnp.einsum("bthd,bshd->bth", q, k)[..., None] * v.astype(jnp.float32)
+    h = h.reshape(*h.shape[:2], 6)
+    gate, up = nn.Dense(5, name="gate")(h), nn.Dense(5, name="up")(h)
+    out = nn.Dense(6, name="down")(jax.nn.silu(gate) * up)
+    return nn.Embed(7, 6, name="tied").attend(out)  # out·Eᵀ: contracts B's axis, not fused
+
+
+def _shared_input_case(v_dtype=jnp.float32):
+  model = _SharedInput(v_dtype)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6))
+  params = model.init(jax.random.key(1), x)
+  return model, x, params
+
+
+def _count_dots(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("v_dtype", [jnp.float32, jnp.bfloat16])
+def test_fusion_equals_unfused_and_merged_with_gradients(v_dtype):
+  model, x, params = _shared_input_case(v_dtype)
+  # bf16 v: the merged reference rounds W + s·A·B to bf16, the factored form
+  # does not; compare to 3% of the output's range. Fused vs unfused stays tight.
+  tol = dict(rtol=1e-4, atol=1e-4) if v_dtype == jnp.float32 else dict(rtol=0, atol=None)
+  rank = {"q": 2, "k": 3, "v": 4, "gate": 1, "up": 2, "down": 2, "tied": 2}
+  lp = jlora.lorify(params, rank, key=jax.random.key(2),
+                    targets=("q", "k", "v", "gate", "up", "down", "tied"))
+  lp = randomize_adapters(lp, jax.random.key(3))
+  fused, unfused = jlora.lora(model.apply), jlora.lora(model.apply, fuse=False)
+  y = jax.jit(fused)(lp, x)
+  assert_trees_close(y, jax.jit(unfused)(lp, x), rtol=1e-5, atol=1e-5)
+  y_ref = model.apply(jlora.merge(lp), x)
+  if tol["atol"] is None:
+    tol["atol"] = 0.03 * max_abs(y_ref)
+  assert_trees_close(y, y_ref, **tol)
+
+  adapters, frozen = jlora.partition(lp)
+  c = jax.random.normal(jax.random.key(4), y.shape)
+  loss = lambda f: lambda a: jnp.sum(c * f(jlora.combine(a, frozen), x))
+  ref = lambda a: jnp.sum(c * model.apply(jlora.merge(jlora.combine(a, frozen)), x))
+  g = jax.jit(jax.grad(loss(fused)))(adapters)
+  assert_trees_close(g, jax.jit(jax.grad(loss(unfused)))(adapters), rtol=1e-4, atol=1e-5)
+  g_ref = jax.grad(ref)(adapters)
+  assert_trees_close(g, g_ref, **(tol | dict(atol=tol["atol"] and 0.03 * max_abs(g_ref))
+                                  if v_dtype == jnp.bfloat16 else tol))
+
+  # f32: q, k, v share one down-projection and gate, up another: 3 fewer x·A
+  # dots forward; backward 3 fewer dA = xᵀ·g and 1 fewer dx = g·Aᵀ (x, the
+  # model input, needs no gradient). bf16: v multiplies a bf16 copy of x, a
+  # different input, so only q, k fuse: 2 fewer forward, 5 fewer in all.
+  fewer, fewer_grad = (3, 7) if v_dtype == jnp.float32 else (2, 5)
+  assert _count_dots(fused, lp, x) == _count_dots(unfused, lp, x) - fewer
+  assert (_count_dots(jax.grad(loss(fused)), adapters)
+          == _count_dots(jax.grad(loss(unfused)), adapters) - fewer_grad)
+
+
+def test_fusion_skips_weights_it_cannot_share():
+  """DoRA on k, and LoRA with active dropout, keep their own x·A."""
+  model, x, params = _shared_input_case()
+  lp = jlora.lorify(params, 2, key=jax.random.key(2), targets=("q", "v"))
+  lp = jlora.lorify(lp, 2, key=jax.random.key(6), targets=("gate", "up"), dropout=0.5)
+  lp = jlora.dora(lp, 2, key=jax.random.key(4), targets=("k",))
+  lp = randomize_adapters(lp, jax.random.key(3))
+  rng = jax.random.key(5)
+  train, train_unfused = jlora.lora(model.apply, rng=rng), jlora.lora(model.apply, rng=rng, fuse=False)
+  # Training: gate/up draw their own dropout masks, so only q and v fuse (-1 dot);
+  # the same masks are drawn either way.
+  assert _count_dots(train, lp, x) == _count_dots(train_unfused, lp, x) - 1
+  assert_trees_close(jax.jit(train)(lp, x), jax.jit(train_unfused)(lp, x), rtol=1e-5, atol=1e-5)
+  # Evaluation (no rng): dropout is off, so gate and up fuse too.
+  evaluate = jlora.lora(model.apply)
+  assert _count_dots(evaluate, lp, x) == _count_dots(jlora.lora(model.apply, fuse=False), lp, x) - 2
+  assert_trees_close(evaluate(lp, x), model.apply(jlora.merge(lp), x), rtol=1e-4, atol=1e-4)
