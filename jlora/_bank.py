@@ -43,6 +43,9 @@ class Bank(Method):
     ranks: each adapter's rank ``r_k`` (the arrays hold ``max(ranks)``).
     scales: each adapter's scale ``alpha_k / r_k``.
     weight, stack, inputs, order, name: as in `LoRA`.
+    dropouts: each adapter's ``LoRA.dropout``: in training (`lora` with an
+      ``rng``) every example's input to ``A`` is dropped at the rate of the
+      adapter it is routed to. Empty: no dropout.
   """
 
   ranks: tuple[int, ...]
@@ -52,6 +55,7 @@ class Bank(Method):
   inputs: int = 1
   order: int = 0
   name: str = DEFAULT_NAME
+  dropouts: tuple[float, ...] = ()
 
   prefix = "bank"
   leaves = ("a", "b", "index")
@@ -59,6 +63,7 @@ class Bank(Method):
   def __post_init__(self):  # tuples, also when rebuilt from JSON lists
     object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
     object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+    object.__setattr__(self, "dropouts", tuple(float(p) for p in self.dropouts))
 
   @property
   def trainable_leaves(self) -> tuple[str, ...]:
@@ -106,6 +111,16 @@ class Bank(Method):
     delta = _labels.einsum(w_labels, (a.astype(dtype), al), (b.astype(dtype), bl))
     return (w.astype(dtype) + delta * self._scale_of(index).astype(dtype)).astype(w.dtype)
 
+  def _dropout(self, use, index, example_labels):
+    """``use.x`` with each example dropped at its adapter's rate (training only)."""
+    x = use.x
+    if use.rng is None or not any(self.dropouts):
+      return x
+    rate = jnp.asarray(self.dropouts, jnp.float32)[index]
+    rate = _labels.broadcast_to(rate, example_labels, use.x_labels)
+    keep = jax.random.uniform(use.rng, x.shape) >= rate
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
   def dot(self, use, arrays, labels, inner):
     a, b, index = arrays
     al, bl = labels[:2]
@@ -125,7 +140,7 @@ class Bank(Method):
       scale_labels = (e,)
     a_e = jnp.take(a, index, axis=al.index(k))
     b_e = jnp.take(b, index, axis=bl.index(k))
-    delta = _labels.chain(use.x, use.x_labels, [(a_e, lab_a), (b_e, lab_b)], use.out_labels,
+    delta = _labels.chain(self._dropout(use, index, scale_labels), use.x_labels, [(a_e, lab_a), (b_e, lab_b)], use.out_labels,
                           precision=use.precision,
                           preferred_element_type=use.preferred_element_type)
     scale = _labels.broadcast_to(self._scale_of(index), scale_labels, use.out_labels)
@@ -160,8 +175,9 @@ def _loras(params: Any, what: str, problems: Problems) -> tuple[Any, dict[Path, 
 def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
   """Stacks ``K`` LoRA trees of one base model into a bank tree.
 
-  Every tree must have LoRA adapters on the same weights (ranks and alphas
-  may differ: lower ranks are zero-padded, each adapter keeps its scale).
+  Every tree must have LoRA adapters on the same weights (ranks, alphas and
+  dropout rates may differ: lower ranks are zero-padded, each adapter keeps
+  its scale and its dropout rate).
   The result is the base tree with, beside each adapted weight, a `Bank`
   entry and leaves ``bank_a``, ``bank_b`` and ``bank_index`` (``0``: route it
   with `route` before use).
@@ -183,7 +199,7 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
     >>> t2 = jlora.lorify(base, 2, key=jax.random.key(2), alpha=4)
     >>> bank = jlora.stack_adapters([t1, t2])
     >>> bank["dense"]["bank"], bank["dense"]["bank_a"].shape
-    (Bank(ranks=(1, 2), scales=(1.0, 2.0), weight='kernel', stack=0, inputs=1, order=0, name='default'), (2, 4, 2))
+    (Bank(ranks=(1, 2), scales=(1.0, 2.0), weight='kernel', stack=0, inputs=1, order=0, name='default', dropouts=()), (2, 4, 2))
   """
   problems = Problems("jlora: cannot stack adapters into a bank")
   if len(trees) < 1:
@@ -221,7 +237,8 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
       a_list.append(jnp.pad(a, pad_a))
       b_list.append(jnp.pad(b, pad_b))
     bank = Bank(ranks=tuple(m.rank for m in ms), scales=tuple(m.scale for m in ms),
-                weight=m0.weight, stack=m0.stack, inputs=m0.inputs, name=name)
+                weight=m0.weight, stack=m0.stack, inputs=m0.inputs, name=name,
+                dropouts=tuple(m.dropout for m in ms) if any(m.dropout for m in ms) else ())
     banks[path] = (bank, jnp.stack(a_list), jnp.stack(b_list))
   problems.raise_if_any()
 

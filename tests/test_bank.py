@@ -102,3 +102,45 @@ def test_errors_name_the_fix():
   bank = jlora.route(jlora.stack_adapters(ts), jnp.array([0, 1, 2, 1]))
   with pytest.raises(jlora.LoraError, match="route it to one adapter"):
     jlora.merge(bank)
+
+
+def test_dropout_at_each_adapters_rate_in_training_only():
+  base = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}}
+  rates = (0.0, 0.5, 0.0)
+  ts = [randomize_adapters(jlora.lorify(base, 2, key=jax.random.key(k), dropout=p),
+                           jax.random.key(10 + k)) for k, p in enumerate(rates)]
+  bank = jlora.stack_adapters(ts)
+  assert bank["dense"]["bank"].dropouts == rates
+  fn = lambda p, x: x @ p["dense"]["kernel"]
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  index = jnp.array([0, 1, 2, 1])
+  routed = jlora.route(bank, index)
+  evaluate = jlora.lora(fn)(routed, x)  # no rng: no dropout
+  want = jnp.concatenate([fn(jlora.merge(ts[int(k)]), x[n:n + 1]) for n, k in enumerate(index)])
+  assert_trees_close(evaluate, want, rtol=1e-5, atol=1e-5)
+
+  train = jax.jit(jax.vmap(lambda key: jlora.lora(fn, rng=key)(routed, x)))
+  outs = train(jax.random.split(jax.random.key(2), 4000))
+  # Rate 0: exact. Rate 0.5: each draw differs, the mean is the undropped output
+  # (inverted dropout keeps the expectation; without the 1/(1-p) it would be half).
+  rate0 = np.asarray(index) != 1
+  np.testing.assert_allclose(outs[:, rate0], np.broadcast_to(evaluate[rate0], outs[:, rate0].shape),
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.min(jnp.std(outs[:, ~rate0], axis=0))) > 0.1
+  err = jnp.abs(jnp.mean(outs, axis=0) - evaluate)[~rate0]
+  sem = (jnp.std(outs, axis=0) / np.sqrt(outs.shape[0]))[~rate0]
+  assert bool(jnp.all(err < 5 * sem + 1e-5)), (err, sem)
+
+  # Gradients: adapter 0's examples are never dropped, so its gradient is the
+  # evaluation gradient; adapter 1's is not.
+  adapters, frozen = jlora.partition(routed)
+  loss = lambda a, key: jnp.sum(jnp.sin(jlora.lora(fn, rng=key)(jlora.combine(a, frozen), x)))
+  g_train = jax.grad(loss)(adapters, jax.random.key(3))
+  g_eval = jax.grad(loss)(adapters, None)
+  for leaf in ("bank_a", "bank_b"):
+    assert_trees_close(g_train["dense"][leaf][0], g_eval["dense"][leaf][0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g_train["dense"][leaf][1], g_eval["dense"][leaf][1])
+
+  path = os.path.join(tempfile.mkdtemp(), "bank")
+  jlora.save_adapters(path, routed)
+  assert jlora.load_adapters(path, base)["dense"]["bank"].dropouts == rates
