@@ -47,8 +47,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import jlora
