@@ -33,7 +33,7 @@ from jax import lax
 
 import jlora
 from benchmarks import reference as R
-from benchmarks.model import Config, next_token_loss
+from benchmarks.model import Config
 
 _ORIG = jlora.LoRA.dot
 

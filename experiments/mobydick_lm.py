@@ -17,8 +17,6 @@ Any setting of the config can be overridden (``--steps=20``), plus
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
