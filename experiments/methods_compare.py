@@ -37,7 +37,7 @@ import numpy as np
 
 import jlora
 from experiments import config as config_lib
-from experiments import fortunes
+from experiments import fortunes, utils
 
 IA3_TARGETS = ("key", "value", "output")
 IA3_FEEDFORWARD = ("output",)
@@ -123,10 +123,7 @@ def main(argv=None) -> list[dict]:
       path = cache_path(cfg, method, seed)
       if not os.path.isfile(path):
         row = run(task, cfg, method, seed)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-          json.dump(row, f, indent=2)
-        os.replace(path + ".tmp", path)
+        utils.write_json(path, row)
         print(json.dumps(row), flush=True)
   for method in methods:  # every cached run of these settings, seeds in order
     for seed in range(1000):

@@ -129,11 +129,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, creating the directory."""
+    """Writes ``obj`` as indented JSON, creating the directory.
+
+    Written to a temporary file and renamed, so an interrupted run never
+    leaves a truncated file (the run caches treat an existing file as done).
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, default=_jsonable)
         f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def _jsonable(x: Any) -> Any:
