@@ -118,6 +118,17 @@ def test_fortunes_sweeps_quick():
         assert os.path.isfile(os.path.join(REPO, "runs", "quick", png)), png
 
 
+def test_methods_compare_quick(tmp_path):
+    out = _ok(_run("experiments.methods_compare", "--quick", "--seeds=1", f"--out_dir={tmp_path}"))
+    for method in ("lora", "ia3", "dora"):
+        assert f"\n{method} " in out, method
+    with open(tmp_path / "methods_compare.json") as f:
+        rows = json.load(f)["rows"]
+    assert sorted(r["method"] for r in rows) == ["dora", "ia3", "lora"]
+    assert all(r["merged_max_abs_logit_diff"] < 1e-4 for r in rows)
+    assert len(os.listdir(tmp_path / "methods")) == 3  # one cached run per method
+
+
 def test_mobydick_lm_quick():
     """Also the main job's second config (finetune.run_mobydick), on 2 layers."""
     out = _ok(_run("experiments.mobydick_lm", "--quick", "--progress=false"))
