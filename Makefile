@@ -21,8 +21,9 @@ data: setup
 test: data
 	$(PY) -m pytest -q -n 2
 
+# Resumes an existing run; settings as `make run ARGS="--fresh --steps=300"`.
 run: data
-	$(PY) -m experiments.finetune
+	$(PY) -m experiments.finetune $(ARGS)
 
 clean:
 	rm -rf .venv data runs

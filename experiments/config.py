@@ -1,39 +1,84 @@
-"""Settings files under ``configs/`` and ``--key=value`` command-line overrides.
+"""Settings: files under ``configs/``, a script's own settings, and ``--key=value``.
 
-A settings file is a Python module of plain assignments, as in nanoGPT::
+The one command-line mechanism of every script in ``experiments/``. A
+settings file is a Python module of plain assignments, each with its
+comment, as in nanoGPT::
 
-    # configs/minilm_fortunes.py
-    steps = 150         # optimizer steps
-    lr = 2e-3           # peak learning rate of the adapters
-    QUICK = dict(steps=4)   # overrides applied by --quick
+  # configs/smollm2_mobydick.py
+  BASE = "base"       # the file whose settings this one overrides
+  steps = 40          # optimizer steps
+  QUICK = dict(steps=2)   # overrides applied by --quick
 
 Every lower-case name whose value is a bool, int, float, str, tuple or list
-(or None) is a setting. The upper-case dict ``QUICK`` holds the overrides
-that ``--quick`` applies (a CI-sized smoke run). Command-line arguments then
-override single settings::
+(or None) is a setting; its trailing comment is its help. ``BASE`` names a
+file read first (``configs/base.py`` holds the keys the experiments share),
+so a variant holds only its overrides and its own keys. ``QUICK`` holds the
+overrides of ``--quick`` (a CI-sized smoke run; a variant's ``QUICK`` adds to
+its base's). A script without a settings file declares its settings as
+``{key: (default, comment)}`` and passes them as ``own``. Command-line
+arguments then override single settings::
 
-    python -m experiments.finetune --config=smollm2_mobydick --steps=10 --lr=1e-3
+  python -m experiments.finetune --config=smollm2_mobydick --steps=10 --lr=1e-3
 
 A value is parsed by the type of the setting's default: ``--targets=query,value``
-gives a tuple, ``--ema=false`` a bool. An unknown key is rejected with the
-list of valid keys.
+gives a tuple, ``--ema=false`` a bool, a bare ``--fresh`` sets a bool to true.
+``--help`` prints every setting with its default and comment. An unknown key
+is rejected with the list of valid keys.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import io
 import os
+import sys
+import tokenize
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 DEFAULT_CONFIG = "minilm_fortunes"
+BASES = ("base",)  # settings files that are only read through BASE, never run
 _SCALARS = (bool, int, float, str, type(None))
+
+Own = Mapping[str, tuple[Any, str]]  # a script's settings: key -> (default, comment)
 
 
 class ConfigError(ValueError):
   """A settings file or a command-line override is invalid."""
+
+
+class ShowHelp(Exception):
+  """``--help`` was given; the message is the help text."""
+
+
+@dataclasses.dataclass
+class Defaults:
+  """The settings of a file (its base's first) or of a script, with their help.
+
+  Attributes:
+    settings: key -> default, in file order.
+    quick: the overrides of ``--quick``.
+    comments: key -> the comment on its line.
+    sections: key -> the ``# -- section`` heading it stands under.
+    source: where the settings come from (for the help text).
+  """
+
+  settings: dict[str, Any]
+  quick: dict[str, Any]
+  comments: dict[str, str]
+  sections: dict[str, str]
+  source: str
+
+  def merged(self, other: Defaults, source: str = "") -> Defaults:
+    """``other`` over ``self``: its values win, its new keys come after."""
+    return Defaults({**self.settings, **other.settings}, {**self.quick, **other.quick},
+                    {**self.comments, **{k: v for k, v in other.comments.items() if v}},
+                    {**self.sections, **{k: v for k, v in other.sections.items()
+                                         if k not in self.sections}},
+                    source or f"{other.source} (over {self.source})")
 
 
 def config_path(name: str) -> str:
@@ -44,9 +89,9 @@ def config_path(name: str) -> str:
 
 
 def available() -> list[str]:
-  """Names of the settings files under ``configs/``."""
+  """Names of the runnable settings files under ``configs/``."""
   return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                if f.endswith(".py") and not f.startswith("_"))
+                if f.endswith(".py") and not f.startswith("_") and f[:-3] not in BASES)
 
 
 def _is_setting(name: str, value: Any) -> bool:
@@ -57,32 +102,72 @@ def _is_setting(name: str, value: Any) -> bool:
   return isinstance(value, _SCALARS)
 
 
-def load_file(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads one settings file.
+def _help_of(source: str) -> tuple[dict[str, str], dict[str, str]]:
+  """The trailing comment and section heading of each top-level assignment."""
+  comments = {t.start[0]: t.string.lstrip("#").strip()
+              for t in tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type == tokenize.COMMENT}
+  headings = [(row, line.strip()[4:].strip())
+              for row, line in enumerate(source.splitlines(), 1) if line.startswith("# --")]
+  helps, sections = {}, {}
+  for node in ast.parse(source).body:
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+        and isinstance(node.targets[0], ast.Name):
+      name = node.targets[0].id
+      helps[name] = comments.get(node.end_lineno, comments.get(node.lineno, ""))
+      sections[name] = next((h for row, h in reversed(headings) if row < node.lineno), "")
+  return helps, sections
+
+
+def read(name: str, *, _seen: tuple[str, ...] = ()) -> Defaults:
+  """Reads one settings file, its ``BASE`` first.
 
   Args:
-      name: A config name under ``configs/`` or a path to a ``.py`` file.
+    name: A config name under ``configs/`` or a path to a ``.py`` file.
 
   Returns:
-      ``(settings, quick)``: the settings in file order and the ``QUICK``
-      overrides.
+    Its `Defaults`.
 
   Raises:
-      ConfigError: If the file does not exist, or ``QUICK`` names a key that
-          is not a setting.
+    ConfigError: If the file (or its base) does not exist, the bases form a
+      cycle, or ``QUICK`` names a key that is not a setting.
   """
   path = config_path(name)
   if not os.path.isfile(path):
     raise ConfigError(f"no config {name!r} at {path}; available: {', '.join(available())}")
-  namespace: dict[str, Any] = {}
+  if path in _seen:
+    raise ConfigError(f"{path}: BASE forms a cycle: {' -> '.join(_seen + (path,))}")
   with open(path) as f:
-    exec(compile(f.read(), path, "exec"), namespace)  # noqa: S102 - our own files
-  settings = {k: v for k, v in namespace.items() if _is_setting(k, v)}
-  quick = dict(namespace.get("QUICK", {}))
-  unknown = sorted(set(quick) - set(settings))
+    source = f.read()
+  namespace: dict[str, Any] = {}
+  exec(compile(source, path, "exec"), namespace)  # noqa: S102 - our own files
+  helps, sections = _help_of(source)
+  own = Defaults({k: v for k, v in namespace.items() if _is_setting(k, v)},
+                 dict(namespace.get("QUICK", {})), {}, {}, os.path.relpath(path, REPO_ROOT))
+  own.comments = {k: helps.get(k, "") for k in own.settings}
+  own.sections = {k: sections.get(k, "") for k in own.settings}
+  out = read(namespace["BASE"], _seen=_seen + (path,)).merged(own) if "BASE" in namespace else own
+  unknown = sorted(set(out.quick) - set(out.settings))
   if unknown:
     raise ConfigError(f"{path}: QUICK sets unknown keys {unknown}")
-  return settings, quick
+  return out
+
+
+def load_file(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(settings, quick)`` of a settings file (see `read`)."""
+  d = read(name)
+  return d.settings, d.quick
+
+
+def from_own(own: Own, quick: Mapping[str, Any] | None = None, *,
+             source: str = "the script") -> Defaults:
+  """The `Defaults` of a script's own settings ``{key: (default, comment)}``."""
+  return Defaults({k: v for k, (v, _) in own.items()}, dict(quick or {}),
+                  {k: c for k, (_, c) in own.items()}, {k: "this script's own" for k in own},
+                  source)
+
+
+# --------------------------------------------------------------------------- parsing
 
 
 def _parse_bool(key: str, text: str) -> bool:
@@ -130,7 +215,7 @@ def parse_value(key: str, text: str, default: Any) -> Any:
   empty tuple); each item takes the type of the default's first item.
 
   Raises:
-      ConfigError: If ``text`` does not parse as that type.
+    ConfigError: If ``text`` does not parse as that type.
   """
   if isinstance(default, (tuple, list)):
     like = default[0] if default else ""
@@ -145,15 +230,15 @@ def parse_overrides(argv: Sequence[str], settings: Mapping[str, Any]) -> dict[st
   A bare ``--key`` sets a bool setting to true.
 
   Args:
-      argv: The arguments.
-      settings: The valid keys and their defaults.
+    argv: The arguments.
+    settings: The valid keys and their defaults.
 
   Returns:
-      The overrides, parsed.
+    The overrides, parsed.
 
   Raises:
-      ConfigError: For an argument that is not ``--key=value``, an unknown
-          key (the message lists the valid keys) or a value of the wrong type.
+    ConfigError: For an argument that is not ``--key=value``, an unknown
+      key (the message lists the valid keys) or a value of the wrong type.
   """
   out: dict[str, Any] = {}
   unknown = []
@@ -172,74 +257,140 @@ def parse_overrides(argv: Sequence[str], settings: Mapping[str, Any]) -> dict[st
     out[key] = parse_value(key, text, settings[key])
   if unknown:
     raise ConfigError(f"unknown setting(s) {', '.join('--' + k for k in unknown)}; "
-                      f"valid keys: {', '.join(sorted(settings))}")
+                      f"valid keys: {', '.join(sorted(settings))} (--help explains each)")
   return out
 
 
-def _split_special(argv: Sequence[str]) -> tuple[str | None, bool, list[str]]:
-  name, quick, rest = None, False, []
+def _show(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(str(v) for v in value)
+  if isinstance(value, bool):
+    return str(value).lower()
+  return str(value)
+
+
+def help_text(defaults: Defaults, usage: str = "") -> str:
+  """Every setting with its default, its ``--quick`` value and its comment."""
+  lines = [usage.strip().splitlines()[0] if usage.strip() else "",
+           f"settings of {defaults.source}; --quick applies the CI-sized values shown as "
+           "[quick: ...], --help prints this:", ""]
+  width = max([len(f"--{k}={_show(v)}") for k, v in defaults.settings.items()] + [0])
+  width = min(width, 40)
+  order = sorted(defaults.settings, key=lambda k: list(dict.fromkeys(
+      defaults.sections.values())).index(defaults.sections[k]))
+  section = None
+  for key in order:
+    if defaults.sections[key] != section:
+      section = defaults.sections[key]
+      if section:
+        lines.append(f"{section}:")
+    flag = f"--{key}={_show(defaults.settings[key])}"
+    note = defaults.comments.get(key, "")
+    if key in defaults.quick:
+      note += f" [quick: {_show(defaults.quick[key])}]"
+    lines.append(f"  {flag:<{width}}  {note}".rstrip() if len(flag) <= width
+                 else f"  {flag}\n  {'':<{width}}  {note}".rstrip())
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _split_special(argv: Sequence[str]) -> tuple[str | None, bool, bool, list[str]]:
+  name, quick, show, rest = None, False, False, []
   for arg in argv:
     if arg.startswith("--config="):
       name = arg.split("=", 1)[1]
     elif arg == "--quick":
       quick = True
+    elif arg in ("--help", "-h"):
+      show = True
     else:
       rest.append(arg)
-  return name, quick, rest
+  return name, quick, show, rest
 
 
-def load(argv: Sequence[str] = (), default: str = DEFAULT_CONFIG) -> dict[str, Any]:
+def _resolve(defaults: Defaults, quick: bool, show: bool, rest: Sequence[str],
+             usage: str) -> dict[str, Any]:
+  if show:
+    raise ShowHelp(help_text(defaults, usage))
+  settings = dict(defaults.settings)
+  if quick:
+    settings.update(defaults.quick)
+  settings.update(parse_overrides(rest, settings))
+  return settings
+
+
+def load(argv: Sequence[str] = (), default: str = DEFAULT_CONFIG, *, own: Own | None = None,
+         own_quick: Mapping[str, Any] | None = None, over: Mapping[str, Any] | None = None,
+         fixed: bool = False, usage: str = "") -> dict[str, Any]:
   """Resolves a run's settings: file defaults, then ``QUICK``, then ``argv``.
 
-  ``--config=NAME`` picks the settings file (default ``default``), and
-  ``--quick`` applies its ``QUICK`` overrides.
+  ``--config=NAME`` picks the settings file (default ``default``), ``--quick``
+  applies its ``QUICK`` overrides and ``--help`` raises `ShowHelp`.
 
   Args:
-      argv: Command-line arguments (without the program name).
-      default: The config used without ``--config``.
+    argv: Command-line arguments (without the program name).
+    default: The config used without ``--config``.
+    own: The script's own settings beside the file's, ``{key: (default, comment)}``.
+    own_quick: Their ``--quick`` overrides (they may also set the file's keys).
+    over: The script's own defaults for some of the file's settings.
+    fixed: The script runs ``default`` only (``--config`` is an error).
+    usage: The script's docstring; its first line heads the help text.
 
   Returns:
-      The settings, plus ``config`` (the file's name) and ``quick``.
+    The settings, plus ``config`` (the file's name) and ``quick``.
 
   Raises:
-      ConfigError: As :func:`parse_overrides` and :func:`load_file`.
+    ConfigError: As `parse_overrides` and `read`.
+    ShowHelp: For ``--help``.
   """
-  name, quick, rest = _split_special(argv)
+  name, quick, show, rest = _split_special(argv)
+  if fixed and name not in (None, default):
+    raise ConfigError(f"this script runs configs/{default}.py; it takes no --config")
   name = name or default
-  settings, quick_overrides = load_file(name)
-  if quick:
-    settings.update(quick_overrides)
-  settings.update(parse_overrides(rest, settings))
+  defaults = read(name)
+  if own:
+    clash = sorted(set(own) & set(defaults.settings))
+    if clash:
+      raise ConfigError(f"the script's own settings {clash} are also in {defaults.source}")
+    defaults = defaults.merged(from_own(own, own_quick),
+                               source=f"{defaults.source} and the script's own")
+  if over:
+    unknown = sorted(set(over) - set(defaults.settings))
+    if unknown:
+      raise ConfigError(f"the script overrides unknown settings {unknown} of {defaults.source}")
+    defaults.settings.update(over)
+  settings = _resolve(defaults, quick, show, rest, usage)
   return {"config": name, "quick": quick, **settings}
 
 
-def resolve(defaults: Mapping[str, Any], argv: Sequence[str],
-            quick: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Like :func:`load`, for settings defined in a script instead of a file.
+def resolve(own: Own, argv: Sequence[str], quick: Mapping[str, Any] | None = None, *,
+            usage: str = "") -> dict[str, Any]:
+  """Like `load`, for a script whose settings are all its own (no file).
 
   Args:
-      defaults: The script's settings and their defaults.
-      argv: Command-line arguments; ``--quick`` applies ``quick``.
-      quick: The overrides of ``--quick``.
+    own: ``{key: (default, comment)}``.
+    argv: Command-line arguments; ``--quick`` applies ``quick``.
+    quick: The overrides of ``--quick``.
+    usage: The script's docstring, for ``--help``.
 
   Returns:
-      The settings, plus ``quick``.
+    The settings, plus ``quick``.
   """
-  _, is_quick, rest = _split_special([a for a in argv if not a.startswith("--config=")])
-  if any(a.startswith("--config=") for a in argv):
-    raise ConfigError("this script takes no --config; its settings are its own")
-  settings = dict(defaults)
-  if is_quick:
-    settings.update(quick or {})
-  settings.update(parse_overrides(rest, settings))
-  return {"quick": is_quick, **settings}
+  name, is_quick, show, rest = _split_special(argv)
+  if name is not None:
+    raise ConfigError("this script takes no --config; its settings are its own (--help lists them)")
+  return {"quick": is_quick, **_resolve(from_own(own, quick), is_quick, show, rest, usage)}
 
 
 def run_main(main, argv: Sequence[str] | None) -> Any:
-  """Calls ``main(argv)`` and turns a :class:`ConfigError` into a clean exit."""
-  import sys
-
+  """Calls ``main(argv)``: ``--help`` prints and exits 0, a `ConfigError` exits 2."""
   try:
     return main(sys.argv[1:] if argv is None else list(argv))
+  except ShowHelp as e:
+    print(e)
+    raise SystemExit(0) from None
   except ConfigError as e:
-    raise SystemExit(f"error: {e}") from None
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None

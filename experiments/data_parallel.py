@@ -1,4 +1,4 @@
-""".venv/bin/python -m experiments.data_parallel [--quick]
+"""python -m experiments.data_parallel [--quick] [--steps=150] [--batch=32] [--seq=64] [--rank=8]
 
 Trains LoRA adapters on a small byte-level transformer, data-parallel across 8
 simulated CPU devices (``--xla_force_host_platform_device_count=8``, set by
@@ -34,7 +34,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -46,9 +45,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
+from experiments.config import REPO_ROOT  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
+OWN = {
+    "steps": (150, "training steps of each run"),
+    "batch": (32, "rows per step (split over the devices)"),
+    "seq": (64, "bytes per row"),
+    "rank": (8, "LoRA rank (alpha = 2 x rank)"),
+}
+QUICK = dict(steps=10)  # a smoke test
 
 
 class ByteLM(nn.Module):
@@ -92,19 +99,16 @@ def batch_at(stream: np.ndarray, step: int, rows: int, seq: int) -> dict:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="10 steps, a smoke test")
-  parser.add_argument("--steps", type=int, default=None)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--seq", type=int, default=64)
-  parser.add_argument("--rank", type=int, default=8)
-  args = parser.parse_args(argv)
-  steps = args.steps or (10 if args.quick else 150)
+  cfg = config_lib.resolve(OWN, argv or [], QUICK, usage=__doc__)
+  for key in OWN:
+    if cfg[key] < 1:
+      raise config_lib.ConfigError(f"--{key}: must be >= 1, got {cfg[key]}")
+  steps = cfg["steps"]
   n = jax.device_count()
   stream, source = corpus()
   model = ByteLM()
-  base = model.init(jax.random.key(0), jnp.zeros((1, args.seq), jnp.int32))
-  params = jlora.lorify(base, args.rank, key=jax.random.key(1), alpha=2 * args.rank,
+  base = model.init(jax.random.key(0), jnp.zeros((1, cfg["seq"]), jnp.int32))
+  params = jlora.lorify(base, cfg["rank"], key=jax.random.key(1), alpha=2 * cfg["rank"],
                         targets=re.compile(r"(attn_\d+/(query|value)|up_\d+|down_\d+)/kernel$"))
   apply = jlora.lora(model.apply)
 
@@ -117,14 +121,14 @@ def main(argv=None) -> dict:
   runs = {"jit": {}, "mesh": dict(mesh=mesh), "fsdp": dict(mesh=mesh, fsdp=True),
           "fsdp+bf16+acc2": dict(mesh=mesh, fsdp=True, compute_dtype=jnp.bfloat16,
                                  accumulate=2)}
-  batches = [batch_at(stream, i, args.batch, args.seq) for i in range(steps)]
+  batches = [batch_at(stream, i, cfg["batch"], cfg["seq"]) for i in range(steps)]
   frozen_total = sum(x.nbytes for x in jax.tree.leaves(jlora.partition(params)[1]))
   adapter_total = sum(x.nbytes for x in jax.tree.leaves(jlora.partition(params)[0]))
-  print(f"{n} devices; {source}; {steps} steps x {args.batch} rows x {args.seq} bytes; "
+  print(f"{n} devices; {source}; {steps} steps x {cfg['batch']} rows x {cfg['seq']} bytes; "
         f"frozen weights {frozen_total / 2**20:.2f} MiB, adapters "
-        f"{adapter_total / 2**10:.1f} KiB (rank {args.rank})")
-  results = {"devices": n, "source": source, "steps": steps, "batch": args.batch,
-             "seq": args.seq, "rank": args.rank, "frozen_bytes": frozen_total,
+        f"{adapter_total / 2**10:.1f} KiB (rank {cfg['rank']})")
+  results = {"devices": n, "source": source, "steps": steps, "batch": cfg["batch"],
+             "seq": cfg["seq"], "rank": cfg["rank"], "frozen_bytes": frozen_total,
              "adapter_bytes": adapter_total, "runs": {}}
   reference = None
   for name, kw in runs.items():
@@ -168,7 +172,7 @@ def main(argv=None) -> dict:
            / results["runs"]["mesh"]["frozen_argument_bytes"])
   results["fsdp_frozen_ratio"] = ratio
   print(f"FSDP: frozen weights per device = {ratio:.3f} of replicated (1/{n} = {1 / n:.3f})")
-  out = os.path.join(REPO_ROOT, "runs", "data_parallel" + ("_quick" if args.quick else ""))
+  out = os.path.join(REPO_ROOT, "runs", "data_parallel" + ("_quick" if cfg["quick"] else ""))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
@@ -177,4 +181,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  config_lib.run_main(main, None)

@@ -14,13 +14,15 @@ data set, cached probe features and cached runs:
    values of full fine-tuning's ΔW against a random Gaussian matrix of the
    same shape and norm.
 
-Settings come from ``configs/minilm_fortunes.py``, overridden by the sweep's
-own (see ``SWEEP``: the main job's budget, evaluation only at the end) and then by the command
-line. Each finished run is cached under ``runs/sweeps`` (keyed by its
-settings), so an interrupted sweep resumes and sections share runs (the
-rank sweep's r=8 seed-0 run is the comparison's LoRA seed-0 run). Writes
+Each run has the settings of ``configs/minilm_fortunes.py`` (the main job's
+budget; the sweep evaluates only at the end), beside the sweep's own
+(``OWN``; ``--help`` lists them all), then the command line. Each finished
+run is cached under ``runs/sweeps`` (keyed by its settings), so an
+interrupted sweep resumes and sections share runs (the rank sweep's r=8
+seed-0 run is the comparison's LoRA seed-0 run). Writes
 ``experiments/results/fortunes_sweeps.{md,json}`` and PNG plots there
-(``--quick``: under ``runs/quick``).
+(``--quick``: under ``runs/quick``). ``--plot`` only redraws compare.png,
+rank.png and matrices.png from that JSON, with no training.
 """
 
 from __future__ import annotations
@@ -37,34 +39,24 @@ from experiments import config as config_lib
 from experiments import fortunes, utils
 from experiments.config import REPO_ROOT
 
-# Sweep settings: the run settings of configs/minilm_fortunes.py that the
-# sweeps change, plus the sweeps' own.
-SWEEP = dict(
-    sections=("compare", "structure", "rank", "matrices"),
-    seeds=3,                    # seeds of the comparison (experiment 2)
-    rank=8,                     # rank of the comparison's LoRA
-    sweep_seeds=1,              # seeds of the rank and matrix sweeps
-    ranks=(1, 2, 4, 8, 16, 64),
-    budget_rank=8,              # rank of one adapted matrix; 2 matrices get budget/2, 4 get budget/4
-    matrices=("query", "key", "value", "out", "query+key", "query+value",
-              "query+key+value+out"),
-    structure_ranks=(8, 64),    # the two ranks compared by φ
-    structure_layer=5,          # the layer shown in the φ heatmaps (all layers are averaged too)
-    max_len=64,                 # the main job's budget: 150 steps x 32 quotes x 64 tokens
-    batch_size=32,
-    steps=150,
-    warmup=15,
-    eval_every=150,
-    probe_steps=2000,
-    train_size=0,
-    test_size=0,
-    val_size=256,
-    compile_cache="runs/.jax_cache",
-)
+# The sweeps' own settings, beside those of configs/minilm_fortunes.py (which
+# set each run: the main job's budget, 150 steps x 32 quotes x 64 tokens).
+OWN = {
+    "sections": (("compare", "structure", "rank", "matrices"), "the experiments to run, in order"),
+    "seeds": (3, "seeds of the comparison (experiment 2)"),
+    "sweep_seeds": (1, "seeds of the rank and matrix sweeps"),
+    "ranks": ((1, 2, 4, 8, 16, 64), "ranks of the rank sweep (LoRA on Wq, Wv)"),
+    "budget_rank": (8, "rank of one adapted matrix; 2 matrices get budget/2, 4 get budget/4"),
+    "matrices": (("query", "key", "value", "out", "query+key", "query+value",
+                  "query+key+value+out"), "weight sets of the matrix sweep"),
+    "structure_ranks": ((8, 64), "the two ranks compared by φ"),
+    "structure_layer": (5, "the layer shown in the φ heatmaps (all layers are averaged too)"),
+    "plot": (False, "only redraw compare/rank/matrices.png from the results JSON (no training)"),
+}
+OVER = dict(eval_every=150)  # the sweep's runs evaluate once, at the end
 # --quick: 3 trainings (LoRA r=1, r=2, full), every other run shared through the cache.
 QUICK = dict(seeds=1, rank=2, ranks=(1, 2), budget_rank=2, matrices=("query+value",),
-             structure_ranks=(1, 2), max_len=16, batch_size=8, steps=3, warmup=1, eval_every=3,
-             probe_steps=20, train_size=128, test_size=64, val_size=32)
+             structure_ranks=(1, 2), steps=3, eval_every=3, train_size=128, test_size=64)
 CACHE = os.path.join(REPO_ROOT, "runs", "sweeps")
 _RUN_KEYS = ("method", "rank", "alpha", "targets", "head", "lr", "full_lr", "head_lr", "warmup",
              "steps", "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
@@ -72,9 +64,8 @@ _RUN_KEYS = ("method", "rank", "alpha", "targets", "head", "lr", "full_lr", "hea
 
 
 def run_cfg(sweep: dict[str, Any], **overrides) -> dict[str, Any]:
-  """The settings of one run: the config file, then the sweep's, then ``overrides``."""
-  cfg, _ = config_lib.load_file("minilm_fortunes")
-  cfg.update({k: v for k, v in sweep.items() if k in cfg})
+  """The settings of one run: the sweep's settings, then ``overrides``."""
+  cfg = {k: v for k, v in sweep.items() if k not in OWN}
   cfg.update(progress=False, **overrides)
   cfg["targets"] = tuple(cfg["targets"])
   return cfg
@@ -138,8 +129,7 @@ def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                          arrays=m == "full" and s == 0)
               for s in range(sweep["seeds"])] for m in ("probe", "lora", "full")}
   out["compare"] = runs
-  names = {"probe": "head-only probe", "lora": f"LoRA r={sweep['rank']} Wq,Wv + head",
-           "full": "full fine-tuning"}
+  names = _compare_names(sweep["rank"])
   rows = []
   for m, rs in runs.items():
     acc = [r["test_acc"] for r in rs]
@@ -149,9 +139,7 @@ def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                  f"{rs[0]['trainable_params'] / rs[0]['total_params'] * 100:.2f}%",
                  utils.pm(step, 1000, 0) + " ms" if step else "(cached features)",
                  utils.mib(rs[0]["opt_state_bytes"]), utils.mib(peak) if peak else "-"])
-  _bar_plot(sweep, "compare.png", [names[m] for m in runs],
-            [[r["test_acc"] for r in rs] for rs in runs.values()],
-            f"MiniLM on fortunes ({sweep['seeds']} seeds)")
+  plot_compare(out, utils.out_path(sweep["quick"], "compare.png"))
   return ["## 2. LoRA vs full fine-tuning vs head-only probe\n",
           f"{sweep['seeds']} seeds (head init, adapter init, batch order); test accuracy % as "
           "mean ± sample std; step time as median over steps 2.., mean ± std over seeds.\n",
@@ -166,7 +154,7 @@ def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   out["rank"] = runs
   rows = [[r, f"{rs[0]['trainable_params']:,}", utils.pm([x["test_acc"] for x in rs], 100),
            utils.pm([x["step_time_s"] for x in rs], 1000, 0) + " ms"] for r, rs in runs.items()]
-  _line_plot(sweep, "rank.png", list(runs), [[x["test_acc"] for x in rs] for rs in runs.values()])
+  plot_rank(out, utils.out_path(sweep["quick"], "rank.png"))
   return ["## 3. Rank sweep (LoRA on Wq + Wv, paper Table 6)\n",
           f"{sweep['sweep_seeds']} seed(s) per rank; alpha fixed at 16 (scale 16/r, as the paper "
           "fixes alpha); trainable = adapters + head.\n",
@@ -182,12 +170,10 @@ def matrices(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
     runs[spec] = [cached_run(run_cfg(sweep, targets=targets, rank=r), s)
                   for s in range(sweep["sweep_seeds"])]
   out["matrices"] = runs
-  label = {"query": "Wq", "key": "Wk", "value": "Wv", "out": "Wo"}
-  names = ["+".join(label[t] for t in spec.split("+")) for spec in runs]
+  names = [_weights_name(spec) for spec in runs]
   rows = [[n, rs[0]["rank"], f"{rs[0]['trainable_params']:,}",
            utils.pm([x["test_acc"] for x in rs], 100)] for n, rs in zip(names, runs.values())]
-  _bar_plot(sweep, "matrices.png", names, [[x["test_acc"] for x in rs] for rs in runs.values()],
-            "Which weights to adapt (same adapter budget)")
+  plot_matrices(out, utils.out_path(sweep["quick"], "matrices.png"))
   return ["## 4. Which weight matrices (fixed budget, paper Table 5)\n",
           f"{sweep['sweep_seeds']} seed(s) per setting; 1 matrix at r={sweep['budget_rank']}, 2 at "
           f"r={sweep['budget_rank'] // 2}, 4 at r={sweep['budget_rank'] // 4} (the same number of "
@@ -290,59 +276,150 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- plots
+#
+# Drawn from the results JSON alone (``--plot`` redraws them from the committed
+# experiments/results/fortunes_sweeps.json): accuracy axes from 0 to 100,
+# error bars (sample std) only on bars with several seeds, the rank on every
+# bar where it varies.
 
 
-def _bar_plot(sweep, name: str, labels, values, title: str) -> None:
+def _compare_names(rank: int) -> dict[str, str]:
+  return {"probe": "head-only probe", "lora": f"LoRA r={rank} Wq,Wv + head",
+          "full": "full fine-tuning"}
+
+
+def _weights_name(spec: str) -> str:
+  label = {"query": "Wq", "key": "Wk", "value": "Wv", "out": "Wo"}
+  return "+".join(label[t] for t in spec.split("+"))
+
+
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  means = [100 * np.mean(v) for v in values]
-  stds = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
-  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.5))
-  ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
-  ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-  ax.set(ylabel="test accuracy %", title=title, ylim=(max(0, min(means) - 15), None))
-  fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
+  return plt
+
+
+def _accuracy_axes(plt, x, values, *, width: float):
+  """Mean test accuracy % per x; error bars only where there are several seeds."""
+  means = [100 * float(np.mean(v)) for v in values]
+  fig, ax = plt.subplots(figsize=(width, 3.8))
+  for xi, v, m in zip(x, values, means):
+    if len(v) > 1:
+      ax.errorbar(xi, m, yerr=100 * float(np.std(v, ddof=1)), color="black", capsize=4)
+  seeds = sorted({len(v) for v in values})
+  ax.set(ylim=(0, 100), ylabel="test accuracy % (" + (
+      f"{seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1 else
+      f"{seeds[0]}-{seeds[-1]} seeds") + (", mean ± sample std)" if seeds[-1] > 1 else
+                                          ", no error bars)"))
+  return fig, ax, means
+
+
+def _bars(path: str, labels, values, title: str) -> None:
+  plt = _pyplot()
+  x = list(range(len(labels)))
+  fig, ax, means = _accuracy_axes(plt, x, values, width=max(5, 1.3 * len(labels)))
+  ax.bar(x, means, color="tab:blue", zorder=0)
+  for xi, m in zip(x, means):
+    ax.annotate(f"{m:.1f}", (xi, m), xytext=(0, 3), textcoords="offset points", ha="center",
+                fontsize=8)
+  multiline = any("\n" in label for label in labels)
+  ax.set_xticks(x, labels, rotation=0 if multiline else 20, ha="center" if multiline else "right",
+                fontsize=8 if multiline else None)
+  ax.set_title(title)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
-def _line_plot(sweep, name: str, ranks, values) -> None:
-  import matplotlib
+def _runs(section: dict) -> dict:
+  return {(int(k) if str(k).isdigit() else k): v for k, v in section.items()}
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  means = [100 * np.mean(v) for v in values]
-  ax.plot(ranks, means, "o-")
+def plot_compare(out: dict[str, Any], path: str) -> None:
+  """compare.png: probe vs LoRA vs full fine-tuning."""
+  runs = _runs(out["compare"])
+  names = _compare_names(runs["lora"][0]["rank"])
+  _bars(path, [names[m] for m in runs], [[r["test_acc"] for r in rs] for rs in runs.values()],
+        "MiniLM on fortunes: test accuracy")
+
+
+def plot_rank(out: dict[str, Any], path: str) -> None:
+  """rank.png: test accuracy against the rank of LoRA on Wq, Wv."""
+  plt = _pyplot()
+  runs = _runs(out["rank"])
+  ranks = sorted(runs)
+  values = [[x["test_acc"] for x in runs[r]] for r in ranks]
+  fig, ax, means = _accuracy_axes(plt, ranks, values, width=5.5)
+  ax.plot(ranks, means, "o-", zorder=0)
+  for r, m in zip(ranks, means):
+    ax.annotate(f"{m:.1f}", (r, m), xytext=(0, 6), textcoords="offset points", ha="center",
+                fontsize=8)
   ax.set_xscale("log", base=2)
-  ax.set(xlabel="rank r", ylabel="test accuracy %", title="LoRA rank sweep (Wq, Wv)")
-  fig.savefig(utils.out_path(sweep["quick"], name), dpi=110, bbox_inches="tight")
+  ax.set_xticks(ranks, [str(r) for r in ranks])
+  ax.set(xlabel="rank r", title="LoRA rank sweep (Wq, Wv + head)")
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
+
+
+def plot_matrices(out: dict[str, Any], path: str) -> None:
+  """matrices.png: which weights to adapt at one adapter budget; each bar names its rank."""
+  runs = _runs(out["matrices"])
+  wrap = lambda name: name.replace("+Wv", "+\nWv") if name.count("+") > 2 else name  # noqa: E731
+  _bars(path, [wrap(_weights_name(spec)) + f"\nr={rs[0]['rank']}" for spec, rs in runs.items()],
+        [[x["test_acc"] for x in rs] for rs in runs.values()],
+        "Which weights to adapt (same adapter budget)")
+
+
+PLOTS = {"compare": plot_compare, "rank": plot_rank, "matrices": plot_matrices}
+
+
+def redraw(results: str, folder: str) -> list[str]:
+  """Redraws the accuracy plots of a results JSON into ``folder``; returns their paths."""
+  with open(results) as f:
+    out = json.load(f)
+  done = []
+  for name, plot in PLOTS.items():
+    if name in out:
+      plot(out, os.path.join(folder, f"{name}.png"))
+      done.append(os.path.join(folder, f"{name}.png"))
+  return done
 
 
 SECTIONS = {"compare": compare, "rank": rank, "matrices": matrices, "structure": structure}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  sweep = config_lib.resolve(SWEEP, argv or [], QUICK)
+  sweep = config_lib.load(argv or [], default="minilm_fortunes", own=OWN, own_quick=QUICK,
+                          over=OVER, fixed=True, usage=__doc__)
   unknown = [s for s in sweep["sections"] if s not in SECTIONS]
   if unknown:
-    raise config_lib.ConfigError(f"unknown sections {unknown}; valid: {list(SECTIONS)}")
+    raise config_lib.ConfigError(f"--sections: unknown {unknown}; valid: {list(SECTIONS)}")
+  suffix = "" if set(sweep["sections"]) == set(SECTIONS) else "-" + "-".join(sweep["sections"])
+  results = utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.json")
+  if sweep["plot"]:
+    if not os.path.isfile(results):
+      raise config_lib.ConfigError(f"--plot: no results at {results}; run the sweep first")
+    for path in redraw(results, os.path.dirname(results)):
+      print(f"redrew {path} from {results}")
+    print("(phi.png and spectrum.png need the trained arrays of runs/sweeps: run the "
+          "structure section to redraw them)")
+    return {}
   utils.setup_jax(sweep["compile_cache"])
   t0 = time.perf_counter()
-  out: dict[str, Any] = {"settings": sweep}
-  md = [f"Settings: {json.dumps({k: v for k, v in sweep.items() if k != 'compile_cache'})}\n"]
-  suffix = "" if set(sweep["sections"]) == set(SECTIONS) else "-" + "-".join(sweep["sections"])
+  out: dict[str, Any] = {"settings": sweep, "smoke_test": utils.SMOKE_TEST if sweep["quick"] else False,
+                         "provenance": utils.provenance()}
+  md = ([f"**{utils.SMOKE_TEST}.**\n"] if sweep["quick"] else []) + [
+      "Settings:\n", utils.settings_table({k: v for k, v in sweep.items()
+                                           if k not in ("compile_cache", "progress", "fresh")}), ""]
   for name in sweep["sections"]:  # results are written after every section
     print(f"[{name}]", flush=True)
     md += SECTIONS[name](sweep, out)
     out["wall_s"] = time.perf_counter() - t0
-    with open(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.md"), "w") as f:
+    with open(results[:-5] + ".md", "w") as f:
       f.write("\n".join(md))
-    utils.write_json(utils.out_path(sweep["quick"], f"fortunes_sweeps{suffix}.json"), out)
+    utils.write_json(results, out)
   print("\n".join(md))
   return out
 

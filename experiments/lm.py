@@ -12,18 +12,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jlora
 from experiments import data as data_lib
-from experiments import utils
-from experiments.fortunes import Runner
+from experiments import training
 from experiments.models import llama
 
 
@@ -38,7 +36,7 @@ class Corpus:
   tokenizer: Any
 
 
-def _truncate(config: llama.LlamaConfig, params: dict, layers: int):
+def truncate(config: llama.LlamaConfig, params: dict, layers: int):
   """Keeps the first ``layers`` decoder layers (0: all), for smoke tests."""
   if not layers or layers >= config.num_hidden_layers:
     return config, params
@@ -51,7 +49,7 @@ def _truncate(config: llama.LlamaConfig, params: dict, layers: int):
 def load_corpus(seq_len: int, n_heldout: int, eval_tokens: int, layers: int = 0) -> Corpus:
   """Tokenizes the chapters; held-out = the last ``n_heldout`` chapters."""
   config, params, tok = llama.load_smollm2()
-  config, params = _truncate(config, params, layers)
+  config, params = truncate(config, params, layers)
   chapters = data_lib.moby_dick_chapters()
   train_idx, held_idx = data_lib.moby_dick_split(n_heldout)
   encode = lambda t: llama.encode(tok, t)  # noqa: E731
@@ -81,11 +79,21 @@ def _nll(apply: Callable) -> Callable:
   return nll
 
 
-def perplexity(fn: Callable, params: Any, rows: np.ndarray, batch: int) -> float:
+def nll_fn(config: llama.LlamaConfig, *, factored: bool) -> Callable:
+  """The jitted `_nll` of the plain model, or of the factored one (a lorified tree)."""
+  apply = apply_fn(config)
+  return jax.jit(_nll(jlora.lora(apply) if factored else apply))
+
+
+def perplexity(fn: Callable, params: Any, rows: np.ndarray, batch: int, *,
+               progress: bool = False, desc: str = "held-out perplexity") -> float:
   """``exp(mean NLL)`` of a jitted ``_nll`` over ``rows`` (last batch wraps, then is cut)."""
+  from tqdm.auto import tqdm
+
   total, count = 0.0, 0.0
   n = rows.shape[0]
-  for i in range(0, n, batch):
+  for i in tqdm(range(0, n, batch), desc=desc, disable=not progress, dynamic_ncols=True,
+                leave=False):
     take = min(batch, n - i)
     if take == batch:
       s, c = fn(params, rows[i:i + batch])
@@ -101,14 +109,15 @@ def samples(corpus: Corpus, params: Any, prompts, n: int) -> list[str]:
       params, corpus.config, llama.encode(corpus.tokenizer, p), n)) for p in prompts]
 
 
-def lm_tx(cfg: Mapping[str, Any], lr: float) -> optax.GradientTransformation:
-  warmup = max(min(cfg["warmup"], cfg["steps"] - 1), 0)
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(cfg["steps"], warmup + 1), 0.0)
-  return optax.adamw(sched, weight_decay=cfg["weight_decay"])
+def batch_rows(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+  """Endless seeded draws of ``batch_size`` training-row indices (with replacement)."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield rng.integers(0, n, batch_size)
 
 
-def make_runner(corpus: Corpus, cfg: Mapping[str, Any], params: Any) -> Runner:
-  """A `Runner` (LoRA or full) for the next-token loss."""
+def make_runner(corpus: Corpus, cfg: Mapping[str, Any], params: Any) -> training.Runner:
+  """A `training.Runner` (LoRA or full) for the next-token loss."""
   apply = apply_fn(corpus.config)
   if cfg["method"] == "lora":
     apply = jlora.lora(apply)
@@ -119,71 +128,38 @@ def make_runner(corpus: Corpus, cfg: Mapping[str, Any], params: Any) -> Runner:
     return s / c
 
   lr = cfg["lr"] if cfg["method"] == "lora" else cfg["full_lr"]
-  return Runner(cfg["method"], loss_fn, lm_tx(cfg, lr), params)
+  return training.Runner(cfg["method"], loss_fn, training.make_tx(cfg, lr), params)
 
 
 def prepare(corpus: Corpus, cfg: Mapping[str, Any]) -> Any:
   """The tree to train: lorified (``method == "lora"``) or the base params."""
   if cfg["method"] == "lora":
-    return jlora.lorify(corpus.params, cfg["rank"], key=jax.random.key(cfg["seed"]),
-                        targets=tuple(cfg["targets"]), alpha=cfg["alpha"],
-                        trainable=tuple(cfg["head"]) or None)
+    return training.add_lora(corpus.params, cfg, key=jax.random.key(cfg["seed"]))
   return corpus.params
 
 
 def train(corpus: Corpus, cfg: Mapping[str, Any], *, steps: int | None = None,
           ckpts: jlora.Checkpoints | None = None, progress: bool = False,
-          on_eval: Callable[[int, dict], None] | None = None, evaluate: bool = True,
-          measure_memory: bool = True) -> dict[str, Any]:
+          evaluate: bool = True, measure_memory: bool = True) -> dict[str, Any]:
   """Trains for ``steps`` (default ``cfg["steps"]``) and scores held-out perplexity.
 
   Returns:
-      Held-out perplexity (factored tree), the loss curve, step times,
-      memory, parameter counts, optimizer-state bytes and the trained tree.
+    Held-out perplexity (factored tree), the loss curve, the evaluations,
+    step times, memory, parameter counts, optimizer-state bytes and the
+    trained tree (``"params"``).
   """
-  from tqdm.auto import tqdm
-
   steps = cfg["steps"] if steps is None else steps
   params = prepare(corpus, cfg)
   runner = make_runner(corpus, cfg, params)
-  apply = apply_fn(corpus.config)
-  nll = jax.jit(_nll(jlora.lora(apply) if cfg["method"] == "lora" else apply))
-  state, frozen = runner.init(params)
-  rng = np.random.default_rng(cfg["seed"])
-  timer, losses, evals, memory = utils.StepTimer(), [], [], {}
-  bar = tqdm(range(1, steps + 1), desc=f"{cfg['method']} SmolLM2", disable=not progress,
-             dynamic_ncols=True, leave=progress)
-  for step in bar:
-    batch = {"rows": corpus.train[rng.integers(0, corpus.train.shape[0], cfg["batch_size"])]}
-    if step == 2 and measure_memory:
-      memory = utils.compiled_memory(runner.jitted, state, frozen, batch)
-    timer.start()
-    state, metrics = runner.step(state, frozen, batch)
-    loss = float(metrics["loss"])
-    timer.stop()
-    losses.append(loss)
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"loss is {loss} at step {step}; lower the learning rate")
-    last = step == steps
-    if evaluate and (step % cfg["eval_every"] == 0 or last):
-      ppl = perplexity(nll, runner.params(state, frozen), corpus.heldout, cfg["eval_batch"])
-      evals.append({"step": step, "heldout_ppl": ppl, "loss": loss})
-      if on_eval:
-        on_eval(step, evals[-1])
-    bar.set_postfix(loss=f"{loss:.3f}", **({"ppl": f"{evals[-1]['heldout_ppl']:.2f}"}
-                                           if evals else {}))
-    if ckpts is not None and (step % cfg["ckpt_every"] == 0 or last):
-      ckpts.save(state, data={"config": dict(cfg), "step": step}, force=last)
-  bar.close()
-  trained = runner.params(state, frozen)
-  if cfg["method"] == "lora":
-    s = jlora.summary(trained)
-    counts = {"trainable_params": s.trainable_params, "total_params": s.total_params}
-  else:
-    counts = {"trainable_params": utils.tree_size(trained),
-              "total_params": utils.tree_size(trained)}
-  return {"method": cfg["method"], "losses": losses, "evals": evals,
-          "heldout_ppl": evals[-1]["heldout_ppl"] if evals else None,
-          "step_time_s": timer.median, "first_step_s": timer.first, "memory": memory,
-          "opt_state_bytes": utils.tree_bytes(state.opt_state), **counts, "params": trained,
-          "nll_fn": nll}
+  nll = nll_fn(corpus.config, factored=cfg["method"] == "lora")
+  heldout = lambda p: {"heldout_ppl": perplexity(nll, p, corpus.heldout, cfg["eval_batch"])}  # noqa: E731
+  run = training.fit(runner, params, steps=steps,
+                     indices=batch_rows(corpus.train.shape[0], cfg["batch_size"], cfg["seed"]),
+                     make_batch=lambda idx: {"rows": corpus.train[idx]},
+                     evaluate=heldout if evaluate else None, eval_every=cfg["eval_every"],
+                     ckpts=ckpts, ckpt_every=cfg["ckpt_every"], ckpt_data={"config": dict(cfg)},
+                     progress=progress, desc=f"{cfg['method']} SmolLM2",
+                     measure_memory=measure_memory)
+  return {"method": cfg["method"], **run.summary(),
+          "heldout_ppl": run.evals[-1]["heldout_ppl"] if run.evals else None,
+          **training.counts(run.params, cfg["method"]), "params": run.params}

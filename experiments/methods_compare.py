@@ -1,8 +1,11 @@
-"""IA3 vs LoRA vs DoRA on MiniLM + fortunes: trainable parameters and accuracy.
+"""python -m experiments.methods_compare [--quick] [--methods=lora,ia3,dora] [--seeds=3] [--key=value ...]
 
-Each method trains its adapters plus the classification head with the same
-loop, optimizer and schedule as ``experiments/fortunes.py`` (the fortunes
-config, ``configs/minilm_fortunes.py``), over several seeds:
+Experiment 7: IA3 vs LoRA vs DoRA on MiniLM + fortunes: trainable parameters
+and accuracy.
+
+Each method trains its adapters plus the classification head with the main
+job's loop, optimizer and schedule (`fortunes.train`, the fortunes config
+``configs/minilm_fortunes.py``), over several seeds:
 
 * ``lora``: `jlora.lorify` on query/value, rank/alpha from the config.
 * ``dora``: `jlora.dora`, same targets, rank and alpha.
@@ -10,17 +13,18 @@ config, ``configs/minilm_fortunes.py``), over several seeds:
   feed-forward down projection (``output``), the latter on its input side;
   learning rate ``ia3_lr`` (IA3 vectors want a larger step than LoRA's).
 
-Usage::
+Examples::
 
   python -m experiments.methods_compare                  # seeds 0, 1, 2; full config
   python -m experiments.methods_compare --quick --seeds=1
   python -m experiments.methods_compare --methods=ia3,dora --seeds=1,2
 
 ``--seeds=N`` means seeds 0..N-1; ``--seeds=1,2`` lists them. Each finished
-run is cached as ``runs/methods/<method>-s<seed>-<hash of settings>.json``, so
-runs made by separate invocations add up: the table covers every cached run
-of the current settings. Writes ``runs/methods_compare.json`` and prints the
-table (mean ± sample std).
+run is cached as ``<out_dir>/methods/<method>-s<seed>-<hash of settings>.json``,
+so runs made by separate invocations add up: the table covers every cached
+run of the current settings. Writes ``<out_dir>/methods_compare.json`` (and,
+without ``--quick``, ``experiments/results/methods_compare.json``) and prints
+the table (mean ± sample std).
 """
 
 from __future__ import annotations
@@ -28,12 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
-import sys
 import time
+from typing import Any
 
 import jax
-import numpy as np
 
 import jlora
 from experiments import config as config_lib
@@ -41,108 +43,100 @@ from experiments import fortunes, utils
 
 IA3_TARGETS = ("key", "value", "output")
 IA3_FEEDFORWARD = ("output",)
+OWN = {
+    "methods": (("lora", "ia3", "dora"), "methods compared (lora, ia3, dora)"),
+    "seeds": ("3", "N: seeds 0..N-1, or a list such as 1,2"),
+    "ia3_lr": (1e-2, "peak learning rate of the IA3 vectors"),
+}
+# Settings that do not change a run's result, left out of its cache key.
+_NOT_IN_KEY = ("seed", "progress", "run_name", "out_dir", "compile_cache", "eval_every",
+               "ckpt_every", "ckpt_keep", "method", "fresh", "methods", "seeds")
 
 
 def add_method(task, cfg, method: str, seed: int):
+  """The base tree (head from ``seed``) with the adapters of ``method``."""
   base = fortunes.base_params(task, seed)
   key = jax.random.key(seed + 10_000)
   head = tuple(cfg["head"]) or None
   if method == "lora":
-    return jlora.lorify(base, cfg["rank"], key=key, targets=tuple(cfg["targets"]),
-                        alpha=cfg["alpha"], trainable=head)
+    return fortunes.lorify(task, cfg, seed)
   if method == "dora":
     return jlora.dora(base, cfg["rank"], key=key, targets=tuple(cfg["targets"]),
                       alpha=cfg["alpha"], trainable=head)
   if method == "ia3":
     return jlora.ia3(base, targets=IA3_TARGETS, feedforward=IA3_FEEDFORWARD, trainable=head)
-  raise ValueError(f"unknown method {method!r}")
-
-
-def count(tree) -> tuple[int, int]:
-  mask = jlora.trainable_mask(tree)
-  sizes = [(int(np.size(x)), m) for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask))]
-  head = sum(n for n, m in sizes if m)
-  return head, sum(n for n, _ in sizes)
+  raise config_lib.ConfigError(f"--methods: unknown method {method!r}; valid: lora, ia3, dora")
 
 
 def run(task, cfg, method: str, seed: int) -> dict:
-  params = add_method(task, cfg, method, seed)
-  apply = jlora.lora(fortunes.apply_fn(task))
-  lr = cfg["ia3_lr"] if method == "ia3" else cfg["lr"]
-  runner = fortunes.Runner("lora", fortunes._loss(apply), fortunes.make_tx(cfg, lr), params)
-  fwd = jax.jit(apply)
-  state, frozen = runner.init(params)
-  it = fortunes.batches(len(task.train), cfg["batch_size"], seed)
+  """Trains one method for one seed; accuracy, parameter counts and the merge check."""
   t0 = time.perf_counter()
-  losses = []
-  for _ in range(cfg["steps"]):
-    state, metrics = runner.step(state, frozen, fortunes._batch(task.train, next(it)))
-    losses.append(float(metrics["loss"]))
-  trained = runner.params(state, frozen)
-  logits = fortunes.predict(fwd, trained, task.test, cfg["eval_batch"])
-  merged = fortunes.predict(jax.jit(fortunes.apply_fn(task)), jlora.merge(trained), task.test,
-                            cfg["eval_batch"])
-  trainable, total = count(trained)
-  head = sum(int(np.size(x)) for x in jax.tree.leaves(trained["classifier"]))
-  return {"method": method, "seed": seed, "test_acc": fortunes.accuracy(logits, task.test.labels),
-          "trainable_params": trainable, "adapter_params": trainable - head,
-          "total_params": total, "final_loss": losses[-1], "train_s": time.perf_counter() - t0,
-          "merged_max_abs_logit_diff": float(np.max(np.abs(merged - logits)))}
+  res = fortunes.train(task, dict(cfg, method="lora"), seed, params=add_method(task, cfg, method, seed),
+                       lr=cfg["ia3_lr"] if method == "ia3" else cfg["lr"], measure_memory=False)
+  train_s = time.perf_counter() - t0
+  check = fortunes.merge_check(task, cfg, res["params"], res["test_logits"])
+  head = utils.tree_size(res["params"]["classifier"])
+  return {"method": method, "seed": seed, "test_acc": res["test_acc"],
+          "trainable_params": res["trainable_params"],
+          "adapter_params": res["trainable_params"] - head, "total_params": res["total_params"],
+          "final_loss": res["losses"][-1], "train_s": train_s,
+          "merged_max_abs_logit_diff": check["max_abs_logit_diff"]}
 
 
 def seed_list(spec: str) -> list[int]:
   """``"3"`` -> [0, 1, 2]; ``"1,2"`` -> [1, 2]."""
-  return [int(x) for x in spec.split(",")] if "," in spec else list(range(int(spec)))
+  try:
+    return [int(x) for x in spec.split(",")] if "," in spec else list(range(int(spec)))
+  except ValueError:
+    raise config_lib.ConfigError(f"--seeds: expected N or a list such as 1,2, got {spec!r}") from None
 
 
 def cache_path(cfg, method: str, seed: int) -> str:
-  keys = {k: v for k, v in cfg.items() if k not in ("seed", "progress", "run_name", "out_dir",
-                                                    "compile_cache", "eval_every", "ckpt_every",
-                                                    "ckpt_keep", "method")}
+  keys = {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}
   digest = hashlib.sha1(json.dumps(keys, sort_keys=True, default=list).encode()).hexdigest()[:12]
   return os.path.join(cfg["out_dir"], "methods", f"{method}-s{seed}-{digest}.json")
 
 
 def main(argv=None) -> list[dict]:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra = {"methods": "lora,ia3,dora", "seeds": "3", "ia3_lr": "1e-2"}
-  rest = []
-  for a in argv:
-    k = a.lstrip("-").split("=", 1)[0]
-    if k in extra and "=" in a:
-      extra[k] = a.split("=", 1)[1]
-    else:
-      rest.append(a)
-  cfg = config_lib.load(rest, default="minilm_fortunes")
-  cfg["ia3_lr"] = float(extra["ia3_lr"])
-  task = fortunes.task_from(cfg)
-  rows = []
-  methods = extra["methods"].split(",")
-  for method in methods:
-    for seed in seed_list(extra["seeds"]):
+  cfg = config_lib.load(argv or [], default="minilm_fortunes", own=OWN, usage=__doc__)
+  seeds = seed_list(cfg["seeds"])
+  for method in cfg["methods"]:
+    if method not in ("lora", "ia3", "dora"):
+      raise config_lib.ConfigError(f"--methods: unknown method {method!r}; valid: lora, ia3, dora")
+  utils.setup_jax(cfg["compile_cache"])
+  with utils.phase("loading MiniLM and tokenizing the fortunes"):
+    task = fortunes.task_from(cfg)
+  for method in cfg["methods"]:
+    for seed in seeds:
       path = cache_path(cfg, method, seed)
       if not os.path.isfile(path):
         row = run(task, cfg, method, seed)
         utils.write_json(path, row)
-        print(json.dumps(row), flush=True)
-  for method in methods:  # every cached run of these settings, seeds in order
+        print(f"{method} seed {seed}: test acc {row['test_acc']:.4f} ({row['train_s']:.0f} s)",
+              flush=True)
+  rows = []
+  for method in cfg["methods"]:  # every cached run of these settings, seeds in order
     for seed in range(1000):
       path = cache_path(cfg, method, seed)
       if os.path.isfile(path):
         with open(path) as f:
           rows.append(json.load(f))
-  os.makedirs(cfg["out_dir"], exist_ok=True)
-  with open(os.path.join(cfg["out_dir"], "methods_compare.json"), "w") as f:
-    json.dump({"config": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, list, tuple))},
-               "rows": rows}, f, indent=2)
-  print(f"\n{'method':6} {'adapter params':>15} {'test acc (mean ± std)':>24}  seeds")
-  for method in methods:
+  res = {"config": cfg, "smoke_test": utils.SMOKE_TEST if cfg["quick"] else False,
+         "provenance": utils.provenance(), "rows": rows}
+  utils.write_json(os.path.join(cfg["out_dir"], "methods_compare.json"), res)
+  if not cfg["quick"]:
+    utils.write_json(utils.out_path(False, "methods_compare.json"), res)
+  if cfg["quick"]:
+    print(f"\n{utils.SMOKE_TEST}")
+  table = []
+  for method in cfg["methods"]:
     accs = [r["test_acc"] for r in rows if r["method"] == method]
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     n = next(r["adapter_params"] for r in rows if r["method"] == method)
-    print(f"{method:6} {n:>15,} {statistics.mean(accs):>17.4f} ± {sd:.4f}  {len(accs)}")
+    table.append([method, f"{n:,}", utils.pm(accs, 100, 2), len(accs)])
+  print()
+  print(utils.table(["method", "adapter params", "test acc % (mean ± std)", "seeds"], table))
   return rows
 
 
 if __name__ == "__main__":
-  main()
+  config_lib.run_main(main, None)

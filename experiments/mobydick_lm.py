@@ -23,37 +23,21 @@ from typing import Any
 from experiments import config as config_lib
 from experiments import finetune, lm, utils
 
-OWN = dict(full_steps=4)      # steps of full fine-tuning, for timing only
-QUICK_OWN = dict(full_steps=2)
+OWN = {"full_steps": (4, "steps of full fine-tuning, for timing only")}
+QUICK_OWN = {"full_steps": 2}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  own, rest, given = dict(OWN), [], set()
-  for arg in argv or []:  # this script's own settings; the rest go to the config
-    key, eq, text = arg[2:].partition("=")
-    if arg.startswith("--") and key in OWN:
-      if not eq:
-        raise config_lib.ConfigError(f"--{key} needs a value: --{key}=VALUE")
-      own[key] = config_lib.parse_value(key, text, OWN[key])
-      given.add(key)
-    else:
-      rest.append(arg)
-  if "--quick" in rest:
-    own.update({k: v for k, v in QUICK_OWN.items() if k not in given})
-  try:
-    cfg = config_lib.load(["--config=smollm2_mobydick", "--run_name=mobydick_lm", *rest])
-  except config_lib.ConfigError as e:
-    extra = f", {', '.join(OWN)}" if "valid keys" in str(e) else ""
-    raise config_lib.ConfigError(f"{e}{extra}") from None
-  if cfg["quick"]:
+  cfg = config_lib.load(["--run_name=mobydick_lm", *(argv or [])], default="smollm2_mobydick",
+                        own=OWN, own_quick=QUICK_OWN, fixed=True, usage=__doc__)
+  if cfg["quick"] and cfg["run_name"] == "mobydick_lm":
     cfg["run_name"] = "quick-mobydick_lm"
-  utils.setup_jax(cfg["compile_cache"])
   t0 = time.perf_counter()
-  out_dir = finetune.run_dir(cfg)
-  lora_res = finetune.run_mobydick(cfg, out_dir)
-  print(f"\nfull fine-tuning: {own['full_steps']} steps for timing ...", flush=True)
+  lora_res = finetune.run(cfg)  # trains, resumes or reports the LoRA run
+  print(f"\nfull fine-tuning: {cfg['full_steps']} steps for timing ...", flush=True)
   corpus = lm.corpus_from(cfg)
-  full = lm.train(corpus, dict(cfg, method="full"), steps=own["full_steps"], evaluate=False)
+  full = lm.train(corpus, dict(cfg, method="full"), steps=cfg["full_steps"], evaluate=False,
+                  progress=cfg["progress"])
   rows = []
   for name, r in (("LoRA r=%d on %s" % (cfg["rank"], "+".join(cfg["targets"])), lora_res),
                   ("full fine-tuning", full)):
@@ -61,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append([name, f"{r['trainable_params']:,}", f"{1000 * r['step_time_s']:.0f} ms",
                  utils.mib(r["opt_state_bytes"]), utils.mib(m.get("peak", 0)),
                  utils.mib(m.get("temporaries", 0))])
-  res = {"settings": {**cfg, **own}, "base_ppl": lora_res["base_ppl"],
+  res = {"settings": cfg, "smoke_test": utils.SMOKE_TEST if cfg["quick"] else False,
+         "provenance": utils.provenance(), "base_ppl": lora_res["base_ppl"],
          "lora_ppl": lora_res["heldout_ppl"], "merge_check": lora_res.get("merge_check"),
          "samples": lora_res["samples"], "evals": lora_res["evals"],
          "lora": {k: lora_res[k] for k in ("trainable_params", "total_params", "step_time_s",
@@ -69,10 +54,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          "full": {k: full[k] for k in ("trainable_params", "total_params", "step_time_s",
                                       "first_step_s", "memory", "opt_state_bytes")}}
   timing_note = (f"step time = median over steps 2..{cfg['steps']} (LoRA) and "
-                 f"2..{own['full_steps']} (full), batch {cfg['batch_size']} x {cfg['seq_len']} "
+                 f"2..{cfg['full_steps']} (full), batch {cfg['batch_size']} x {cfg['seq_len']} "
                  "tokens, f32 on CPU")
   md = "\n".join([
       "## 6. SmolLM2-135M on Moby Dick\n",
+      *([f"**{utils.SMOKE_TEST}.**\n"] if cfg["quick"] else []),
       f"1 seed. LoRA r={cfg['rank']} (alpha {cfg['alpha']:g}) on {', '.join(cfg['targets'])}, "
       f"{cfg['steps']} steps x batch {cfg['batch_size']} x {cfg['seq_len']} tokens, lr "
       f"{cfg['lr']:g}; held-out = last {cfg['n_heldout']} chapters, first "

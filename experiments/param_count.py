@@ -27,19 +27,18 @@ import jlora
 from experiments import config as config_lib
 from experiments import utils
 
-SETTINGS = dict(
-    gpt3_layers=96,          # GPT-3 175B
-    gpt3_d_model=12288,
-    gpt3_rank=4,             # LoRA paper, Sec. 4.2: r = 4 on Wq and Wv
-    gpt3_total=175e9,        # published parameter count of GPT-3 175B
-    toy_d=100,
-    toy_rank=2,
-)
+OWN = {
+    "gpt3_layers": (96, "layers of GPT-3 175B"),
+    "gpt3_d_model": (12288, "model width of GPT-3 175B"),
+    "gpt3_rank": (4, "LoRA paper, Sec. 4.2: r = 4 on Wq and Wv"),
+    "gpt3_total": (175e9, "published parameter count of GPT-3 175B"),
+    "toy_d": (100, "width of the toy square weight"),
+    "toy_rank": (2, "rank of the toy weight's adapter"),
+}
 
 
-def _shape_tree(fn) -> Any:
-  """A tree of zero arrays with the shapes ``fn`` would produce (nothing computed)."""
-  shapes = jax.eval_shape(fn)
+def _zeros(shapes: Any) -> Any:
+  """Zero arrays of the shapes of a ``jax.ShapeDtypeStruct`` tree."""
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -69,9 +68,7 @@ def minilm(quick: bool) -> dict[str, Any]:
 
   fcfg, _ = config_lib.load_file("minilm_fortunes")
   if quick:
-    config = bert.BertConfig()
-    params = _shape_tree(lambda: bert.BertClassifier(config, 8).init(
-        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = _zeros(bert.classifier_shapes(bert.BertConfig(), 8))
   else:
     config, encoder, _ = bert.load_minilm()
     params = bert.init_classifier_params(config, encoder, 8)
@@ -84,9 +81,7 @@ def smollm2(quick: bool) -> dict[str, Any]:
 
   lcfg, _ = config_lib.load_file("smollm2_mobydick")
   if quick:
-    config = llama.LlamaConfig()
-    params = _shape_tree(lambda: llama.LlamaForCausalLM(config).init(
-        jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = _zeros(llama.shapes(llama.LlamaConfig()))
   else:
     _, params, _ = llama.load_smollm2()
   return _count("SmolLM2-135M", params, lcfg["rank"], lcfg["targets"], lcfg["alpha"])
@@ -112,7 +107,7 @@ def gpt3(cfg) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  cfg = config_lib.resolve(SETTINGS, argv or [])
+  cfg = config_lib.resolve(OWN, argv or [], usage=__doc__)
   rows = {"toy": toy(cfg), "minilm": minilm(cfg["quick"]), "smollm2": smollm2(cfg["quick"]),
           "gpt3": gpt3(cfg)}
   t = rows["toy"]
@@ -135,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ]
   md = "\n".join(lines) + "\n"
   print(md)
-  utils.write_json(utils.out_path(cfg["quick"], "param_count.json"), rows)
+  utils.write_json(utils.out_path(cfg["quick"], "param_count.json"),
+                   {**rows, "provenance": utils.provenance()})
   with open(utils.out_path(cfg["quick"], "param_count.md"), "w") as f:
     f.write(md)
   return rows

