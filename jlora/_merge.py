@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from jlora import _structure
-from jlora._runtime import _enter
+from jlora._adapted import enter
 from jlora._tree import keypath_to_path
 
 
@@ -46,6 +46,6 @@ def merge(params: Any) -> Any:
     entry = entries.get(path)
     if entry is None:
       return leaf
-    return _enter(leaf, entry).materialize()
+    return enter(leaf, entry).materialize()
 
   return jax.tree_util.tree_map_with_path(fold, base)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from jlora import _structure, _tree
 from jlora._errors import Problems
-from jlora._lora import LoRA
-from jlora._lorify import check_name
-from jlora._method import Method
+from jlora._add import check_name
+from jlora.methods.base import Method
+from jlora.methods.lora import LoRA
 from jlora._tree import Path, path_str
 
 COMBINATIONS = ("linear", "cat", "svd", "ties")

@@ -8,7 +8,7 @@ import jax
 import optax
 
 from jlora import _structure
-from jlora._errors import LoraError
+from jlora._errors import LoraError, Problems
 from jlora._tree import keypath_to_path
 
 
@@ -64,13 +64,23 @@ def combine(adapters: Any, frozen: Any) -> Any:
                       is_leaf=is_none)
 
 
-def freeze(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
-  """Wraps ``tx`` so it trains only the adapters of ``params``.
+def frozen_mask(params: Any) -> Any:
+  """The opposite of `trainable_mask`: True on leaves that stay frozen.
 
-  Frozen leaves get zero updates and hold **no** optimizer state (built with
-  `optax.partition` and `optax.set_to_zero`). Plain ``optax.masked`` is not
-  enough: it passes the raw gradient through as the update of masked-out
-  leaves.
+  The polarity of optax's ``freeze_mask`` (`optax.transforms.freeze`,
+  `optax.transforms.selective_transform`), so it can be handed to them as is.
+  """
+  return jax.tree.map(lambda m: not m, trainable_mask(params))
+
+
+def adapters_only(tx: optax.GradientTransformation,
+                  params: Any) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that it trains only the adapters of ``params``.
+
+  ``optax.transforms.selective_transform(tx, freeze_mask=frozen_mask(params))``:
+  frozen leaves get zero updates and hold **no** optimizer state. Plain
+  ``optax.masked`` is not enough: it passes the raw gradient through as the
+  update of masked-out leaves.
 
   Args:
     tx: the optimizer for the trainable leaves.
@@ -79,15 +89,37 @@ def freeze(tx: optax.GradientTransformation, params: Any) -> optax.GradientTrans
   Returns:
     An optax transformation for the full jlora tree.
 
+  Raises:
+    LoraError: ``tx`` is not an optax transformation, or ``params`` has
+      nothing to train (it would update nothing).
+
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora
     >>> params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
     >>> params = jlora.lorify(params, 2, key=jax.random.key(0))
-    >>> tx = jlora.freeze(optax.adam(1e-3), params)
+    >>> tx = jlora.adapters_only(optax.adam(1e-3), params)
     >>> state = tx.init(params)
     >>> sum(x.size for x in jax.tree.leaves(state))  # mu and nu of A and B, + count
     33
   """
-  mask = trainable_mask(params)
-  labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-  return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  problems = Problems("jlora: cannot build an optimizer for the adapters")
+  if not (hasattr(tx, "init") and hasattr(tx, "update")):
+    problems.add(f"tx must be an optax GradientTransformation such as optax.adam(1e-3), "
+                 f"got {tx!r}")
+  problems.raise_if_any()
+  frozen = frozen_mask(params)
+  if all(jax.tree.leaves(frozen)):
+    problems.add("params holds no adapters and no leaves trained in full, so the "
+                 "optimizer would update nothing; add adapters with jlora.lorify first")
+  problems.raise_if_any()
+  return optax.transforms.selective_transform(tx, freeze_mask=frozen)
+
+
+def freeze(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
+  """The former name of `adapters_only`, kept working.
+
+  Note the polarity: ``optax.transforms.freeze(mask)`` freezes what ``mask``
+  marks, while ``jlora.freeze(tx, params)`` trains the adapters of
+  ``params`` (it is `adapters_only`).
+  """
+  return adapters_only(tx, params)

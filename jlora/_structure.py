@@ -10,7 +10,7 @@ import jax
 
 from jlora import _tree
 from jlora._errors import Problems
-from jlora._method import Method
+from jlora.methods.base import Method
 from jlora._tree import Path, path_str
 
 

@@ -11,8 +11,10 @@ from typing import Any, Union
 
 import jax.numpy as jnp
 
-from jlora._method import STANDARD_WEIGHTS
+from jlora._errors import LoraError
 from jlora._tree import Path, path_str
+
+STANDARD_WEIGHTS = ("kernel", "embedding")  # what the default targets adapt
 
 Targets = Union[None, Sequence[str], "re.Pattern[str]", Callable[[str, Any], bool]]
 
@@ -33,6 +35,46 @@ class Axes:
 
   stack: int = 0
   inputs: int | None = None
+
+  def __post_init__(self):
+    problems = []
+    if isinstance(self.stack, bool) or not isinstance(self.stack, numbers.Integral) \
+        or self.stack < 0:
+      problems.append(f"stack must be an int >= 0, got {self.stack!r}")
+    if self.inputs is not None and (isinstance(self.inputs, bool) or not isinstance(
+        self.inputs, numbers.Integral) or self.inputs < 1):
+      problems.append(f"inputs must be None (infer) or an int >= 1, got {self.inputs!r}; "
+                      "a weight needs at least one input axis")
+    if problems:
+      raise LoraError(problems, header="jlora: bad Axes")
+
+
+def check_axes(axes: Any, problems) -> None:
+  """Adds a problem unless ``axes`` is None, an `Axes` or ``{regex: Axes}``."""
+  if axes is None or isinstance(axes, Axes):
+    return
+  if isinstance(axes, Mapping) and all(isinstance(v, Axes) for v in axes.values()):
+    return
+  problems.add(f"axes must be jlora.Axes or a {{regex: Axes}} mapping, got {axes!r}")
+
+
+def placement(path: Path, leaf: Any, axes: Any) -> tuple[int, int]:
+  """``(stack, inputs)`` of one weight from ``axes`` (inferred where unsaid).
+
+  Raises:
+    ValueError: a layout that does not fit the weight's shape.
+  """
+  where = path_str(path)
+  ax = Axes() if axes is None else per_path(axes, where, name="axes")
+  if ax.stack >= leaf.ndim - 1:
+    raise ValueError(f"{where}: Axes(stack={ax.stack}) leaves fewer than 2 axes of "
+                     f"shape {tuple(leaf.shape)}; lower `stack`")
+  inputs = infer_inputs(leaf.shape, ax.stack) if ax.inputs is None else ax.inputs
+  if not 1 <= inputs < leaf.ndim - ax.stack:
+    raise ValueError(f"{where}: Axes(inputs={inputs}) does not fit shape "
+                     f"{tuple(leaf.shape)} with stack={ax.stack}: it needs at least one "
+                     "output axis")
+  return ax.stack, inputs
 
 
 def infer_inputs(shape: Sequence[int], stack: int) -> int:
@@ -113,12 +155,3 @@ def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
     problems.add(f"targets {missing} matched no module holding a kernel or "
                  f"embedding; available module names: {available}")
   return chosen
-
-
-def check_number(value: Any, name: str, *, integer: bool) -> str | None:
-  kind = numbers.Integral if integer else numbers.Real
-  if isinstance(value, bool) or not isinstance(value, kind):
-    return f"{name} must be {'an int' if integer else 'a number'}, got {value!r}"
-  if not math.isfinite(value) or value <= 0:
-    return f"{name} must be positive and finite, got {value!r}"
-  return None

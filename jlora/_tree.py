@@ -73,3 +73,21 @@ def iter_mappings(tree: Any, path: Path = ()):
   elif isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
     for i, v in enumerate(tree):
       yield from iter_mappings(v, path + (i,))
+
+
+def params_first(first: Any, second: Any, *, fn: str, tree: str, path: str):
+  """``(tree, path)`` of a call that may still use the old order, path first.
+
+  Every jlora function takes its tree first; the file functions once took
+  the path first. The two are told apart by type (a path is a ``str`` or
+  ``os.PathLike``, a tree never is), so old calls keep working, with a
+  ``DeprecationWarning``.
+  """
+  import os
+  import warnings
+  paths = (str, bytes, os.PathLike)
+  if isinstance(first, paths) and not isinstance(second, paths):
+    warnings.warn(f"jlora.{fn}({path}, {tree}) is the old argument order; call "
+                  f"jlora.{fn}({tree}, {path})", DeprecationWarning, stacklevel=3)
+    return second, first
+  return first, second

@@ -87,8 +87,8 @@ def test_padding_stays_zero_and_checkpoint_round_trip():
   assert bank["w1"]["bank"].scales == (2.0, 1.0, 0.5)
   path = os.path.join(tempfile.mkdtemp(), "bank")
   routed = jlora.route(bank, jnp.array([0, 1, 2, 1]))
-  jlora.save_adapters(path, routed)
-  assert_trees_close(jlora.load_adapters(path, case.params), routed, rtol=0, atol=0)
+  jlora.save_adapters(routed, path)
+  assert_trees_close(jlora.load_adapters(case.params, path), routed, rtol=0, atol=0)
 
 
 def test_errors_name_the_fix():
@@ -142,5 +142,5 @@ def test_dropout_at_each_adapters_rate_in_training_only():
     assert not np.allclose(g_train["dense"][leaf][1], g_eval["dense"][leaf][1])
 
   path = os.path.join(tempfile.mkdtemp(), "bank")
-  jlora.save_adapters(path, routed)
-  assert jlora.load_adapters(path, base)["dense"]["bank"].dropouts == rates
+  jlora.save_adapters(routed, path)
+  assert jlora.load_adapters(base, path)["dense"]["bank"].dropouts == rates

@@ -59,8 +59,8 @@ def big():
 def test_adapters_round_trip_exactly_without_frozen_weights(tmp_path, big):
   base, params = big
   path = tmp_path / "adapters"
-  jlora.save_adapters(path, params)
-  loaded = jlora.load_adapters(path, base)
+  jlora.save_adapters(params, path)
+  loaded = jlora.load_adapters(base, path)
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     assert a.dtype == b.dtype
@@ -83,13 +83,13 @@ def test_adapters_round_trip_exactly_without_frozen_weights(tmp_path, big):
 
 def test_loading_onto_another_base_names_the_paths(tmp_path, big):
   base, params = big
-  jlora.save_adapters(tmp_path / "a", params)
+  jlora.save_adapters(params, tmp_path / "a")
   other = jax.tree.map(lambda x: x, base)
   other["params"]["body"] = {"kernel": jnp.ones((128, 256)), "bias": jnp.zeros(256)}
   other["params"]["extra"] = {"kernel": jnp.ones((2, 2))}
   other["params"]["head"]["kernel"] = other["params"]["head"]["kernel"].astype(jnp.bfloat16)
   with pytest.raises(jlora.LoraError) as e:
-    jlora.load_adapters(tmp_path / "a", other)
+    jlora.load_adapters(other, tmp_path / "a")
   text = str(e.value)
   assert "different base tree" in text
   assert "params/body/kernel: saved base has shape (256, 256) float32, given base has " \
@@ -97,17 +97,17 @@ def test_loading_onto_another_base_names_the_paths(tmp_path, big):
   assert "params/head/kernel" in text and "bfloat16" in text
   assert "params/extra/kernel: in the given base but not in the saved base" in text
   with pytest.raises(jlora.LoraError, match="without adapters"):
-    jlora.load_adapters(tmp_path / "a", params)
+    jlora.load_adapters(params, tmp_path / "a")
 
 
 def test_save_refuses_to_overwrite(tmp_path, big):
   _, params = big
-  jlora.save_adapters(tmp_path / "a", params)
+  jlora.save_adapters(params, tmp_path / "a")
   with pytest.raises(jlora.LoraError, match="force=True"):
-    jlora.save_adapters(tmp_path / "a", params)
-  jlora.save_adapters(tmp_path / "a", params, force=True)
+    jlora.save_adapters(params, tmp_path / "a")
+  jlora.save_adapters(params, tmp_path / "a", force=True)
   with pytest.raises(jlora.LoraError, match="lorify"):
-    jlora.save_adapters(tmp_path / "b", big[0])
+    jlora.save_adapters(big[0], tmp_path / "b")
 
 
 def _corrupt(path: str) -> None:
@@ -130,7 +130,7 @@ orbax_noise = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExcepti
 def test_damaged_adapter_files_fail_loudly(tmp_path, big, damage):
   base, params = big
   path = tmp_path / "a"
-  jlora.save_adapters(path, params)
+  jlora.save_adapters(params, path)
   if damage == "flip":
     for p in _data_files(path):
       _corrupt(p)
@@ -146,7 +146,7 @@ def test_damaged_adapter_files_fail_loudly(tmp_path, big, damage):
   else:
     path = tmp_path / "nothing-here"
   with pytest.raises(jlora.LoraError) as e:
-    jlora.load_adapters(path, base)
+    jlora.load_adapters(base, path)
   gc.collect()
   text = str(e.value)
   assert str(path) in text
@@ -158,7 +158,7 @@ def test_no_damaged_file_loads_wrong_values(tmp_path, big):
   """Truncating or corrupting any one file of the checkpoint either raises
   LoraError or (for files orbax does not read back) loads the exact values."""
   base, params = big
-  jlora.save_adapters(tmp_path / "good", params)
+  jlora.save_adapters(params, tmp_path / "good")
   outcomes = {}
   for rel in sorted(_files(tmp_path / "good")):
     for mode in ("truncate", "flip"):
@@ -170,7 +170,7 @@ def test_no_damaged_file_loads_wrong_values(tmp_path, big):
       else:
         _corrupt(bad / rel)
       try:
-        loaded = jlora.load_adapters(bad, base)
+        loaded = jlora.load_adapters(base, bad)
       except jlora.LoraError:
         outcomes[rel, mode] = "error"
         continue

@@ -230,8 +230,8 @@ def test_checkpoint_round_trip_is_exact(method):
   case = zoo.case("scan")
   params = perturb(add(method, case))
   path = os.path.join(tempfile.mkdtemp(), "ckpt")
-  jlora.save_adapters(path, params)
-  loaded = jlora.load_adapters(path, case.params)
+  jlora.save_adapters(params, path)
+  loaded = jlora.load_adapters(case.params, path)
   assert_trees_close(loaded, params, rtol=0, atol=0)
 
 
@@ -239,6 +239,6 @@ def test_pissa_checkpoint_round_trip_onto_the_residual_base():
   case = zoo.case("plain")
   params = perturb(add("pissa", case))
   path = os.path.join(tempfile.mkdtemp(), "ckpt")
-  jlora.save_adapters(path, params)
-  loaded = jlora.load_adapters(path, jlora.disable(params))
+  jlora.save_adapters(params, path)
+  loaded = jlora.load_adapters(jlora.disable(params), path)
   assert_trees_close(loaded, params, rtol=0, atol=0)

@@ -46,8 +46,8 @@ def test_select_and_disable():
   with pytest.raises(jlora.LoraError, match="already has"):
     jlora.lorify(p, 2, key=jax.random.key(0), name="t1")
   path = os.path.join(tempfile.mkdtemp(), "named")
-  jlora.save_adapters(path, p)
-  assert_trees_close(jlora.load_adapters(path, case.params), p, rtol=0, atol=0)
+  jlora.save_adapters(p, path)
+  assert_trees_close(jlora.load_adapters(case.params, path), p, rtol=0, atol=0)
 
 
 def combined(p, how, **kw):

@@ -55,7 +55,7 @@ def test_bert_round_trip_with_per_module_rank_and_alpha():
                    targets=("query", "value", "out", "intermediate", "output"))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  config = jlora.export_peft(p, d, module_path=jlora.bert_module_path)
+  config = jlora.export_peft(p, d, module_path=bert.bert_module_path)
   assert config["r"] == 2 and config["lora_alpha"] == 4.0
   assert config["rank_pattern"] == {r"^encoder\.layer\.0\.attention\.self\.value": 4,
                                     r"^encoder\.layer\.1\.attention\.self\.value": 4}
@@ -66,7 +66,7 @@ def test_bert_round_trip_with_per_module_rank_and_alpha():
   assert tensors[key.replace("lora_A", "lora_B")].shape == (16, 2)  # (out, r)
   with open(os.path.join(d, "adapter_config.json")) as f:
     assert json.load(f)["peft_type"] == "LORA"
-  back = jlora.import_peft(d, base, module_path=jlora.bert_module_path)
+  back = jlora.import_peft(base, d, module_path=bert.bert_module_path)
   assert_trees_close(back, p, rtol=0, atol=0)
 
 
@@ -76,15 +76,15 @@ def test_llama_round_trip_named_adapter_and_table_mapping():
                    targets=("q_proj", "v_proj", "down_proj"))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  jlora.export_peft(p, d, module_path=jlora.llama_module_path, name="chat")
+  jlora.export_peft(p, d, module_path=llama.llama_module_path, name="chat")
   keys = load_file(os.path.join(d, "adapter_model.safetensors"))
   assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
-  back = jlora.import_peft(d, base, module_path=jlora.llama_module_path, name="chat")
+  back = jlora.import_peft(base, d, module_path=llama.llama_module_path, name="chat")
   assert_trees_close(back, p, rtol=0, atol=0)
   # A plain table works as the mapping too.
   table = {f"params/model/layers_{i}/{m}": f"model.layers.{i}.{m.replace('/', '.')}"
            for i in range(2) for m in ("self_attn/q_proj", "self_attn/v_proj", "mlp/down_proj")}
-  again = jlora.import_peft(d, base, module_path=table, name="chat")
+  again = jlora.import_peft(base, d, module_path=table, name="chat")
   assert_trees_close(again, p, rtol=0, atol=0)
 
 
@@ -94,9 +94,9 @@ def test_errors_name_path_and_fix():
   with pytest.raises(jlora.LoraError, match="maps .* to no torch module"):
     jlora.export_peft(p, tempfile.mkdtemp(), module_path=lambda path: None)
   d = tempfile.mkdtemp()
-  jlora.export_peft(p, d, module_path=jlora.bert_module_path)
+  jlora.export_peft(p, d, module_path=bert.bert_module_path)
   with pytest.raises(jlora.LoraError, match="tensors match no kernel"):
-    jlora.import_peft(d, llama_params(), module_path=jlora.llama_module_path)
+    jlora.import_peft(llama_params(), d, module_path=llama.llama_module_path)
 
 
 def test_bert_dora_round_trip_keys_layout_and_outputs():
@@ -106,7 +106,7 @@ def test_bert_dora_round_trip_keys_layout_and_outputs():
                  targets=("query", "value", "intermediate", "output"))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  config = jlora.export_peft(p, d, module_path=jlora.bert_module_path)
+  config = jlora.export_peft(p, d, module_path=bert.bert_module_path)
   assert (config["peft_type"], config["use_dora"], config["r"], config["lora_alpha"]) == (
       "LORA", True, 2, 4.0)
   assert config["rank_pattern"] == {r"^encoder\.layer\.0\.attention\.self\.value": 4,
@@ -120,7 +120,7 @@ def test_bert_dora_round_trip_keys_layout_and_outputs():
   assert (tensors[key + "lora_magnitude_vector"] == layer["dora_m"]).all()
   assert (tensors[key + "lora_A.weight"] == layer["dora_a"].T).all()
   assert len(tensors) == 3 * 2 * 4
-  back = jlora.import_peft(d, base, module_path=jlora.bert_module_path)
+  back = jlora.import_peft(base, d, module_path=bert.bert_module_path)
   assert isinstance(back["params"]["encoder"]["layer_0"]["output"]["dora"], jlora.DoRA)
   assert_trees_close(back, p, rtol=0, atol=0)
   out = bert_run(p)
@@ -134,11 +134,11 @@ def test_llama_dora_round_trip_named_adapter():
                  targets=("q_proj", "v_proj", "down_proj"))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  jlora.export_peft(p, d, module_path=jlora.llama_module_path, name="chat")
+  jlora.export_peft(p, d, module_path=llama.llama_module_path, name="chat")
   tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
   assert tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
                  ].shape == (8,)  # one KV head of 8
-  back = jlora.import_peft(d, base, module_path=jlora.llama_module_path, name="chat")
+  back = jlora.import_peft(base, d, module_path=llama.llama_module_path, name="chat")
   assert "dora@chat_m" in back["params"]["model"]["layers_0"]["mlp"]["down_proj"]
   assert_trees_close(back, p, rtol=0, atol=0)
   assert (llama_run(back) == llama_run(p)).all()
@@ -150,7 +150,7 @@ def test_bert_ia3_round_trip_feedforward_layout_and_outputs():
   p = jlora.ia3(base, targets=("key", "value", "output"), feedforward=("output",))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  config = jlora.export_peft(p, d, module_path=jlora.bert_module_path)
+  config = jlora.export_peft(p, d, module_path=bert.bert_module_path)
   assert config["peft_type"] == "IA3"
   assert config["feedforward_modules"] == ["encoder.layer.0.output.dense",
                                            "encoder.layer.1.output.dense"]
@@ -163,7 +163,7 @@ def test_bert_ia3_round_trip_feedforward_layout_and_outputs():
   assert (tensors["base_model.model.encoder.layer.1.output.dense.ia3_l"][0] == ffn).all()
   assert tensors["base_model.model.encoder.layer.0.attention.self.key.ia3_l"].shape == (16, 1)
   assert len(tensors) == 6
-  back = jlora.import_peft(d, base, module_path=jlora.bert_module_path)
+  back = jlora.import_peft(base, d, module_path=bert.bert_module_path)
   assert back["params"]["encoder"]["layer_0"]["output"]["ia3"].feedforward
   assert not back["params"]["encoder"]["layer_0"]["attention"]["key"]["ia3"].feedforward
   assert_trees_close(back, p, rtol=0, atol=0)
@@ -177,20 +177,20 @@ def test_llama_ia3_round_trip_and_regex_feedforward():
   p = jlora.ia3(base, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",))
   p = randomize_adapters(p, jax.random.key(2))
   d = tempfile.mkdtemp()
-  config = jlora.export_peft(p, d, module_path=jlora.llama_module_path)
+  config = jlora.export_peft(p, d, module_path=llama.llama_module_path)
   assert config["feedforward_modules"] == ["model.layers.0.mlp.down_proj",
                                            "model.layers.1.mlp.down_proj"]
   tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
   assert tensors["base_model.model.model.layers.0.mlp.down_proj.ia3_l"].shape == (1, 32)
   assert tensors["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"].shape == (8, 1)
-  back = jlora.import_peft(d, base, module_path=jlora.llama_module_path)
+  back = jlora.import_peft(base, d, module_path=llama.llama_module_path)
   assert_trees_close(back, p, rtol=0, atol=0)
   assert (llama_run(back) == llama_run(p)).all()
   # PEFT may hold feedforward_modules as one regex, matched against the whole name.
   config["feedforward_modules"] = r".*\.mlp\.down_proj"
   with open(os.path.join(d, "adapter_config.json"), "w") as f:
     json.dump(config, f)
-  again = jlora.import_peft(d, base, module_path=jlora.llama_module_path)
+  again = jlora.import_peft(base, d, module_path=llama.llama_module_path)
   assert_trees_close(again, p, rtol=0, atol=0)
   # A feedforward_modules that misses down_proj: its ia3_l (1, in) fits no output side.
   config["feedforward_modules"] = []
@@ -198,7 +198,7 @@ def test_llama_ia3_round_trip_and_regex_feedforward():
     json.dump(config, f)
   with pytest.raises(jlora.LoraError, match=r"(?s)params/model/layers_0/mlp/down_proj/kernel: "
                      r"ia3_l \(1, 32\) does not fit .*expected \(16, 1\).*feedforward_modules"):
-    jlora.import_peft(d, base, module_path=jlora.llama_module_path)
+    jlora.import_peft(base, d, module_path=llama.llama_module_path)
 
 
 def test_mixed_methods_name_paths_and_export_one_method_at_a_time():
@@ -207,7 +207,7 @@ def test_mixed_methods_name_paths_and_export_one_method_at_a_time():
   p = jlora.ia3(p, targets=("key", "value"))
   p = randomize_adapters(p, jax.random.key(2))
   with pytest.raises(jlora.LoraError) as err:
-    jlora.export_peft(p, tempfile.mkdtemp(), module_path=jlora.bert_module_path)
+    jlora.export_peft(p, tempfile.mkdtemp(), module_path=bert.bert_module_path)
   (msg,) = err.value.problems
   assert "adapter 'default' mixes methods" in msg
   assert "LoRA on params/encoder/layer_0/attention/query/kernel and 1 more" in msg
@@ -215,12 +215,12 @@ def test_mixed_methods_name_paths_and_export_one_method_at_a_time():
   assert "method='lora' / method='ia3'" in msg
   # The fix: one directory per method; both import back onto the base.
   d_lora, d_ia3 = tempfile.mkdtemp(), tempfile.mkdtemp()
-  c = jlora.export_peft(p, d_lora, module_path=jlora.bert_module_path, method="lora")
+  c = jlora.export_peft(p, d_lora, module_path=bert.bert_module_path, method="lora")
   assert c["peft_type"] == "LORA" and len(c["target_modules"]) == 2
-  c = jlora.export_peft(p, d_ia3, module_path=jlora.bert_module_path, method="ia3")
+  c = jlora.export_peft(p, d_ia3, module_path=bert.bert_module_path, method="ia3")
   assert c["peft_type"] == "IA3" and len(c["target_modules"]) == 4
-  back = jlora.import_peft(d_lora, base, module_path=jlora.bert_module_path)
-  back = jlora.import_peft(d_ia3, back, module_path=jlora.bert_module_path)
+  back = jlora.import_peft(base, d_lora, module_path=bert.bert_module_path)
+  back = jlora.import_peft(back, d_ia3, module_path=bert.bert_module_path)
   assert_trees_close(back, p, rtol=0, atol=0)
   assert (bert_run(back) == bert_run(p)).all()
 
@@ -232,17 +232,17 @@ def test_mixed_lora_and_dora_and_selection_errors():
   with pytest.raises(jlora.LoraError, match=r"mixes methods \(LoRA on params/encoder/layer_0/"
                      r"attention/query/kernel and 1 more; DoRA on params/encoder/layer_0/"
                      r"attention/value/kernel and 1 more\).*method='lora' / method='dora'"):
-    jlora.export_peft(p, tempfile.mkdtemp(), module_path=jlora.bert_module_path)
+    jlora.export_peft(p, tempfile.mkdtemp(), module_path=bert.bert_module_path)
   with pytest.raises(jlora.LoraError, match=r"no IA3 adapter named 'default'; adapters: "
                      r"\['default \(DoRA\(rank=2, alpha=2\)\)', 'default \(LoRA"):
-    jlora.export_peft(p, tempfile.mkdtemp(), module_path=jlora.bert_module_path, method="ia3")
+    jlora.export_peft(p, tempfile.mkdtemp(), module_path=bert.bert_module_path, method="ia3")
   with pytest.raises(jlora.LoraError, match=r"method='DoRA': choose one of \['dora', 'ia3', "
                      r"'lora'\]"):
-    jlora.export_peft(p, tempfile.mkdtemp(), module_path=jlora.bert_module_path, method="DoRA")
+    jlora.export_peft(p, tempfile.mkdtemp(), module_path=bert.bert_module_path, method="DoRA")
   # Adapters under other names are not part of the export, so they do not mix.
   q = jlora.lorify(base, 2, key=jax.random.key(1), targets=("query",))
   q = jlora.ia3(q, targets=("key",), name="x")
-  c = jlora.export_peft(q, tempfile.mkdtemp(), module_path=jlora.bert_module_path)
+  c = jlora.export_peft(q, tempfile.mkdtemp(), module_path=bert.bert_module_path)
   assert c["peft_type"] == "LORA"
-  c = jlora.export_peft(q, tempfile.mkdtemp(), module_path=jlora.bert_module_path, name="x")
+  c = jlora.export_peft(q, tempfile.mkdtemp(), module_path=bert.bert_module_path, name="x")
   assert c["peft_type"] == "IA3"

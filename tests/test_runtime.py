@@ -274,3 +274,78 @@ def test_fusion_skips_weights_it_cannot_share():
   evaluate = jlora.lora(model.apply)
   assert _count_dots(evaluate, lp, x) == _count_dots(jlora.lora(model.apply, fuse=False), lp, x) - 2
   assert_trees_close(evaluate(lp, x), model.apply(jlora.merge(lp), x), rtol=1e-4, atol=1e-4)
+
+
+# -- the three runtime bugs of the architecture review, each with its test ----
+
+
+def test_fallback_warns_in_every_call_not_once_per_process():
+  """The warning state is per call: a second model (or call) with the same
+  path warns again, so `pytest.warns` does not depend on test order."""
+  def fn(p, x):
+    k = p["dense"]["kernel"]
+    return x @ k + jnp.sum(k * k)
+
+  for seed in range(2):  # two models, same paths
+    params = {"dense": {"kernel": jnp.ones((6, 5)) * (seed + 1)}}
+    params = jlora.lorify(params, 2, key=jax.random.key(seed))
+    with pytest.warns(jlora.FactoredFallbackWarning, match="dense/kernel.*mul"):
+      jlora.lora(fn)(params, jnp.ones((3, 6)))
+
+
+def test_dropout_draws_a_new_mask_in_every_while_iteration():
+  """Like a scan layer, each while iteration draws its own dropout masks."""
+  params = {"d": {"kernel": jnp.eye(8)}}
+  params = jlora.lorify(params, 4, key=jax.random.key(0), dropout=0.5)
+  params = randomize_adapters(params, jax.random.key(1))
+
+  def fn(p, x):
+    def body(c):
+      i, out = c
+      return i + 1, out.at[i].set(x @ p["d"]["kernel"])
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((2,) + x.shape))
+    return jax.lax.while_loop(lambda c: c[0] < 2, body, init)[1]
+
+  x = jnp.ones((4, 8))
+  out = jax.jit(jlora.lora(fn, rng=jax.random.key(2)))(params, x)
+  assert not np.allclose(out[0], out[1]), "both iterations used the same dropout mask"
+  # Without a key there is no dropout: both iterations equal the merged model.
+  plain = jlora.lora(fn)(params, x)
+  np.testing.assert_allclose(plain[0], x @ jlora.merge(params)["d"]["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(plain[0], plain[1])
+
+
+INNER_JIT_CHILD = r"""
+import jax, jax.numpy as jnp, numpy as np, jlora
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+rows = NamedSharding(mesh, P("x"))
+inner = jax.jit(lambda w, x: x @ w, out_shardings=rows)
+params = jlora.lorify({"d": {"kernel": jnp.ones((4, 4))}}, 2, key=jax.random.key(0))
+params["d"]["lora_b"] = jnp.ones((2, 4))
+fn = lambda p, x: inner(p["d"]["kernel"], x)
+x = jnp.arange(32.0).reshape(8, 4)
+want = x @ jlora.merge(params)["d"]["kernel"]
+for y in (jlora.lora(fn)(params, x), jax.jit(jlora.lora(fn))(params, x)):
+  np.testing.assert_allclose(y, want, rtol=1e-6)
+  assert len(y.sharding.device_set) == 2, y.sharding
+  assert y.sharding.is_equivalent_to(rows, 2), y.sharding
+donate = jax.jit(lambda w, x: x @ w + x.sum(), donate_argnums=1)
+x2 = jnp.ones((8, 4))
+jlora.lora(lambda p, x: donate(p["d"]["kernel"], x))(params, x2)
+assert x2.is_deleted(), "the inner jit's donation was dropped"
+print("ok")
+"""
+
+
+def test_inner_jit_keeps_its_out_shardings_and_donation():
+  """An inner ``jax.jit`` is re-entered as a jit: its ``out_shardings`` and
+  donation survive (they were dropped when it was inlined)."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", INNER_JIT_CHILD], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

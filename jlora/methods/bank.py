@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from jlora import _labels, _structure, _tree
 from jlora._errors import LoraError, Problems
-from jlora._lora import LoRA
-from jlora._method import DEFAULT_NAME, Method, WeightLabels
+from jlora.methods.base import DEFAULT_NAME, Method, WeightLabels
+from jlora.methods.lora import LoRA
 from jlora._tree import Path, path_str
 
 
@@ -50,11 +50,6 @@ class Bank(Method):
 
   ranks: tuple[int, ...]
   scales: tuple[float, ...]
-  weight: str = "kernel"
-  stack: int = 0
-  inputs: int = 1
-  order: int = 0
-  name: str = DEFAULT_NAME
   dropouts: tuple[float, ...] = ()
 
   prefix = "bank"
@@ -199,7 +194,7 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
     >>> t2 = jlora.lorify(base, 2, key=jax.random.key(2), alpha=4)
     >>> bank = jlora.stack_adapters([t1, t2])
     >>> bank["dense"]["bank"], bank["dense"]["bank_a"].shape
-    (Bank(ranks=(1, 2), scales=(1.0, 2.0), weight='kernel', stack=0, inputs=1, order=0, name='default', dropouts=()), (2, 4, 2))
+    (Bank(ranks=(1, 2), scales=(1.0, 2.0)), (2, 4, 2))
   """
   problems = Problems("jlora: cannot stack adapters into a bank")
   if len(trees) < 1:

@@ -1,0 +1,192 @@
+"""`Checkpoints`: the full training state every few steps, with orbax."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._errors import LoraError, Problems
+from jlora._checkpoint.files import (ARRAYS_ITEM, RECORD_ITEM, STATE, VERSION,
+                                    compare_leaves, digest, host, ocp_module,
+                                    read_arrays, read_record, sha)
+
+
+def _is_key(x: Any) -> bool:
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+class Checkpoints:
+  """Full training state every ``every`` steps, keeping the last ``keep``.
+
+  Wraps an ``orbax.checkpoint.CheckpointManager``. Each checkpoint holds a
+  `TrainState` (adapters, optimizer state, step, PRNG key), never the frozen
+  weights, plus a JSON-able ``data`` value for the data iterator's position.
+  Saves are asynchronous: training continues while orbax writes, and a crash
+  mid-save leaves the previous checkpoints intact (orbax renames a finished
+  temporary directory into place).
+
+  Restoring takes a target state, such as a fresh one from
+  ``trainer.init``: its shapes, dtypes and shardings say what to restore onto,
+  so a run saved on 8 devices resumes on 1, or with FSDP on another mesh. The
+  state of the ``pmap`` form carries a leading device axis and restores only
+  onto the same local device count.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jlora, tempfile
+    >>> params = jlora.lorify({"d": {"kernel": jnp.ones((4, 4))}}, 2, key=jax.random.key(0))
+    >>> loss = lambda p, b: jlora.lora(lambda p, x: x @ p["d"]["kernel"])(p, b).sum()
+    >>> trainer = jlora.train_step(loss, optax.sgd(0.1), params)
+    >>> state, frozen = trainer.init(params)
+    >>> with jlora.Checkpoints(tempfile.mkdtemp(), every=2, keep=2) as ckpts:
+    ...   for i in range(5):
+    ...     state, _ = trainer.step(state, frozen, jnp.ones((2, 4)))
+    ...     saved = ckpts.save(state, data={"next_batch": i + 1})
+    ...   ckpts.wait()
+    ...   fresh, _ = trainer.init(params)
+    ...   restored, data = ckpts.restore(fresh)
+    ...   ckpts.all_steps(), int(restored.step), data
+    ([2, 4], 4, {'next_batch': 4})
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int | None = 3,
+               async_save: bool = True):
+    problems = Problems("jlora: cannot open checkpoints")
+    for name, value, none_ok in (("every", every, False), ("keep", keep, True)):
+      if value is None and none_ok:
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.add(f"{name} must be a positive integer, got {value!r}")
+    problems.raise_if_any()
+    self.directory = os.path.abspath(os.fspath(directory))
+    ocp = ocp_module()
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # context manager: waits for pending saves and closes the manager
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def all_steps(self) -> list[int]:
+    """Steps with a complete checkpoint, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or ``None``."""
+    return self._manager.latest_step()
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.close()
+
+  def save(self, state: Any, *, data: Any = None, force: bool = False) -> bool:
+    """Saves ``state`` if its step is a multiple of ``every`` (or ``force``).
+
+    Args:
+      state: a `TrainState` (from ``trainer.step``).
+      data: a JSON-serialisable value to restore with it, such as the data
+        iterator's position.
+      force: save regardless of ``every``.
+
+    Returns:
+      Whether a save was started.
+    """
+    step = int(np.asarray(host(state.step)).reshape(-1)[0])
+    if not force and not self._manager.should_save(step):
+      return False
+    try:
+      json.dumps(data)
+    except (TypeError, ValueError) as e:
+      raise LoraError([f"data: {e}"], header="jlora: the data position must be "
+                      "JSON-serialisable (numbers, strings, lists, dicts)") from None
+    flat, leaves = [], []
+    for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+      impl = None
+      if _is_key(x):
+        impl = str(jax.random.key_impl(x))
+        x = jax.random.key_data(x)
+      h = host(x)
+      # Host copies: the next step donates the state's device buffers.
+      flat.append(h if h is not None else x)
+      leaves.append({"path": jax.tree_util.keystr(kp), "shape": list(x.shape),
+                     "dtype": jnp.dtype(x.dtype).name, "key_impl": impl,
+                     "sha256": sha(h)})
+    record = {"format": STATE, "version": VERSION, "step": step, "leaves": leaves,
+              "data": data}
+    record["checksum"] = digest(record)
+    items = {f"{i:05d}": x for i, x in enumerate(flat)}
+    ocp = ocp_module()
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        ARRAYS_ITEM: ocp.args.StandardSave(items),
+        RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)
+
+  def restore(self, like: Any, *, step: int | None = None) -> tuple[Any, Any]:
+    """Restores a saved state onto the layout of ``like``.
+
+    Args:
+      like: a state of the same structure, e.g. ``trainer.init(params)[0]``
+        (its values are not used; its shapes, dtypes and shardings are).
+      step: the step to restore (default: the newest).
+
+    Returns:
+      ``(state, data)``.
+
+    Raises:
+      LoraError: no checkpoint; or one written for another model, rank or
+        optimizer; or a truncated or corrupted one. Nothing is loaded
+        partially.
+    """
+    self.wait()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise LoraError([f"{self.directory}: no complete checkpoint"], header=(
+            "jlora: nothing to restore; check `latest_step()` is not None first"))
+      step = steps[-1]
+    where = os.path.join(self.directory, str(step))
+    if step not in steps:
+      raise LoraError([f"{where}: not a complete checkpoint; complete: {steps}"],
+                      header="jlora: no checkpoint at that step; pick one of all_steps()")
+    earlier = [s for s in steps if s < step]
+    fix = (f"pass step={earlier[-1]} (or delete {where}) to resume from the previous "
+           "checkpoint" if earlier else "start the run afresh (no earlier checkpoint)")
+    record = read_record(where, kind=STATE, what="training checkpoint", fix=fix)
+    kps, treedef = jax.tree_util.tree_flatten_with_path(like)
+    template = []
+    for kp, x in kps:
+      impl = str(jax.random.key_impl(x)) if _is_key(x) else None
+      shape = jax.eval_shape(jax.random.key_data, x).shape if impl else x.shape
+      dtype = "uint32" if impl else jnp.dtype(x.dtype).name
+      template.append((jax.tree_util.keystr(kp), tuple(shape), dtype, impl,
+                       getattr(x, "sharding", None)))
+    saved = [[[e["path"]], e["shape"], e["dtype"]] for e in record["leaves"]]
+    have = [[[p], list(s), d] for p, s, d, _, _ in template]
+    problems = compare_leaves(saved, have, saved_name="checkpoint", have_name="target")
+    problems += [f"{t[0]}: key implementation {e['key_impl']!r} saved, "
+                 f"{t[3]!r} in the target" for e, t in zip(record["leaves"], template)
+                 if e["key_impl"] != t[3]]
+    if problems:
+      raise LoraError(problems, header=(
+          f"jlora: the checkpoint at {where} was written for another state (model, "
+          "rank, targets or optimizer); restore with the trainer it was saved with, "
+          "or start a new checkpoint directory"))
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    values = read_arrays(where, record["leaves"],
+                          lambda i: template[i][4] or default,
+                          what="training checkpoint", fix=fix)
+    values = [jax.random.wrap_key_data(v, impl=t[3]) if t[3] else v
+              for v, t in zip(values, template)]
+    return jax.tree_util.tree_unflatten(treedef, values), record["data"]
