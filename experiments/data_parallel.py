@@ -47,6 +47,7 @@ import optax  # noqa: E402
 import jlora  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
 from experiments.config import REPO_ROOT  # noqa: E402
+from experiments.utils import SMOKE_TEST  # noqa: E402
 
 VOCAB = 256
 OWN = {
@@ -124,10 +125,13 @@ def main(argv=None) -> dict:
   batches = [batch_at(stream, i, cfg["batch"], cfg["seq"]) for i in range(steps)]
   frozen_total = sum(x.nbytes for x in jax.tree.leaves(jlora.partition(params)[1]))
   adapter_total = sum(x.nbytes for x in jax.tree.leaves(jlora.partition(params)[0]))
+  if cfg["quick"]:
+    print(SMOKE_TEST)
   print(f"{n} devices; {source}; {steps} steps x {cfg['batch']} rows x {cfg['seq']} bytes; "
         f"frozen weights {frozen_total / 2**20:.2f} MiB, adapters "
         f"{adapter_total / 2**10:.1f} KiB (rank {cfg['rank']})")
-  results = {"devices": n, "source": source, "steps": steps, "batch": cfg["batch"],
+  results = {"smoke_test": SMOKE_TEST if cfg["quick"] else False, "devices": n,
+             "source": source, "steps": steps, "batch": cfg["batch"],
              "seq": cfg["seq"], "rank": cfg["rank"], "frozen_bytes": frozen_total,
              "adapter_bytes": adapter_total, "runs": {}}
   reference = None

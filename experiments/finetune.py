@@ -149,12 +149,14 @@ def open_run(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
   path = run_path(cfg)
   if os.path.isdir(path) and cfg["fresh"]:
     if not os.path.isfile(os.path.join(path, "config.json")):
-      raise config_lib.ConfigError(f"{path} exists and is not a run folder; pick another --run_name")
+      raise config_lib.ConfigError(f"{path} exists and is not a run folder; "
+                                   "pick another --run_name")
     shutil.rmtree(path)
   if os.path.isdir(path):
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-      raise config_lib.ConfigError(f"{path} exists and is not a run folder; pick another --run_name")
+      raise config_lib.ConfigError(f"{path} exists and is not a run folder; "
+                                   "pick another --run_name")
     saved = _read_json(config_file)
     keys = sorted((set(saved) | set(cfg)) - set(NOT_RESULTS))
     changed = [k for k in keys if not _same(saved.get(k), cfg.get(k))]
@@ -179,7 +181,8 @@ def _checkpoints(cfg: Mapping[str, Any], out: str) -> jlora.Checkpoints:
 
 def _resumed(run: Mapping[str, Any]) -> str:
   if run["resumed_from"]:
-    return f"resumed from the checkpoint of step {run['resumed_from']}, trained {run['steps_run']} steps"
+    return (f"resumed from the checkpoint of step {run['resumed_from']}, "
+            f"trained {run['steps_run']} steps")
   return f"trained {run['steps_run']} steps"
 
 

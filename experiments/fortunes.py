@@ -63,27 +63,34 @@ class Task:
 
 @functools.lru_cache(maxsize=4)
 def load_task(max_len: int, split_seed: int = 0, test_fraction: float = 0.2,
-              val_size: int = 256, train_size: int = 0, test_size: int = 0) -> Task:
+              val_size: int = 256, train_size: int = 0, test_size: int = 0,
+              progress: bool = False) -> Task:
   """Loads and tokenizes the fortunes (fixed length ``max_len``).
 
   The first ``val_size`` quotes of the (seeded, shuffled) training split are
   held out for periodic evaluation; the test split is only used at the end.
   ``train_size`` / ``test_size`` (0: all) keep only the first quotes of
-  those splits, for smoke tests.
+  those splits, for smoke tests. ``progress`` shows the tokenization.
   """
+  from tqdm.auto import tqdm
+
   split = data_lib.fortunes_split(test_fraction=test_fraction, seed=split_seed)
   config, encoder, _ = bert.load_minilm()
   tok = bert.load_tokenizer(max_length=max_len, pad_to_multiple_of=None)
   tok.enable_padding(pad_id=0, pad_token="[PAD]", length=max_len)
 
-  def encode(texts, labels) -> Split:
-    b = bert.tokenize(tok, texts)
-    return Split(b["input_ids"], b["attention_mask"], np.asarray(labels, np.int32))
+  def encode(texts, labels, what: str) -> Split:
+    chunks = [bert.tokenize(tok, texts[i:i + 512])
+              for i in tqdm(range(0, len(texts), 512), desc=f"tokenizing {what} quotes",
+                            disable=not progress, dynamic_ncols=True, leave=False)]
+    return Split(np.concatenate([c["input_ids"] for c in chunks]),
+                 np.concatenate([c["attention_mask"] for c in chunks]),
+                 np.asarray(labels, np.int32))
 
-  train = encode(split.train_texts, split.train_labels)
+  train = encode(split.train_texts, split.train_labels, "training")
   pick = lambda s, sl: Split(s.ids[sl], s.mask[sl], s.labels[sl])  # noqa: E731
   key = f"T{max_len}-s{split_seed}-f{test_fraction}-v{val_size}-n{train_size}-t{test_size}"
-  test = encode(split.test_texts, split.test_labels)
+  test = encode(split.test_texts, split.test_labels, "test")
   return Task(train=pick(train, slice(val_size, val_size + train_size if train_size else None)),
               val=pick(train, slice(0, val_size)),
               test=pick(test, slice(0, test_size or None)), label_names=split.label_names,
@@ -92,7 +99,7 @@ def load_task(max_len: int, split_seed: int = 0, test_fraction: float = 0.2,
 
 def task_from(cfg: Mapping[str, Any]) -> Task:
   return load_task(cfg["max_len"], cfg["split_seed"], cfg["test_fraction"], cfg["val_size"],
-                   cfg["train_size"], cfg["test_size"])
+                   cfg["train_size"], cfg["test_size"], cfg.get("progress", False))
 
 
 # --------------------------------------------------------------------------- model
@@ -259,8 +266,9 @@ def train(task: Task, cfg: Mapping[str, Any], seed: int, *, params: Any = None,
   if params is None:
     params = lorify(task, cfg, seed) if cfg["method"] == "lora" else base_params(task, seed)
   runner, fwd = runner_for(task, cfg, params, lr)
-  val_acc = lambda p: {"val_acc": accuracy(predict(fwd, p, task.val, cfg["eval_batch"]),  # noqa: E731
-                                           task.val.labels)}
+  def val_acc(p):
+    return {"val_acc": accuracy(predict(fwd, p, task.val, cfg["eval_batch"]), task.val.labels)}
+
   run = training.fit(runner, params, steps=cfg["steps"],
                      indices=batches(len(task.train), cfg["batch_size"], seed),
                      make_batch=lambda idx: _batch(task.train, idx), evaluate=val_acc,

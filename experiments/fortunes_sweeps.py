@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import fortunes, utils
+from experiments import finetune, fortunes, utils
 from experiments.config import REPO_ROOT
 
 # The sweeps' own settings, beside those of configs/minilm_fortunes.py (which
@@ -322,8 +322,9 @@ def _bars(path: str, labels, values, title: str) -> None:
   x = list(range(len(labels)))
   fig, ax, means = _accuracy_axes(plt, x, values, width=max(5, 1.3 * len(labels)))
   ax.bar(x, means, color="tab:blue", zorder=0)
-  for xi, m in zip(x, means):
-    ax.annotate(f"{m:.1f}", (xi, m), xytext=(0, 3), textcoords="offset points", ha="center",
+  for xi, m, v in zip(x, means, values):
+    top = m + (100 * float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)  # above the error bar
+    ax.annotate(f"{m:.1f}", (xi, top), xytext=(0, 3), textcoords="offset points", ha="center",
                 fontsize=8)
   multiline = any("\n" in label for label in labels)
   ax.set_xticks(x, labels, rotation=0 if multiline else 20, ha="center" if multiline else "right",
@@ -406,10 +407,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("(phi.png and spectrum.png need the trained arrays of runs/sweeps: run the "
           "structure section to redraw them)")
     return {}
+  finetune.validate(run_cfg(sweep))  # before any data: targets, rank, ...
   utils.setup_jax(sweep["compile_cache"])
   t0 = time.perf_counter()
-  out: dict[str, Any] = {"settings": sweep, "smoke_test": utils.SMOKE_TEST if sweep["quick"] else False,
-                         "provenance": utils.provenance()}
+  out: dict[str, Any] = {"settings": sweep, "provenance": utils.provenance(),
+                         "smoke_test": utils.SMOKE_TEST if sweep["quick"] else False}
   md = ([f"**{utils.SMOKE_TEST}.**\n"] if sweep["quick"] else []) + [
       "Settings:\n", utils.settings_table({k: v for k, v in sweep.items()
                                            if k not in ("compile_cache", "progress", "fresh")}), ""]

@@ -46,22 +46,30 @@ def truncate(config: llama.LlamaConfig, params: dict, layers: int):
 
 
 @functools.lru_cache(maxsize=2)
-def load_corpus(seq_len: int, n_heldout: int, eval_tokens: int, layers: int = 0) -> Corpus:
+def load_corpus(seq_len: int, n_heldout: int, eval_tokens: int, layers: int = 0,
+                progress: bool = False) -> Corpus:
   """Tokenizes the chapters; held-out = the last ``n_heldout`` chapters."""
+  from tqdm.auto import tqdm
+
   config, params, tok = llama.load_smollm2()
   config, params = truncate(config, params, layers)
   chapters = data_lib.moby_dick_chapters()
   train_idx, held_idx = data_lib.moby_dick_split(n_heldout)
   encode = lambda t: llama.encode(tok, t)  # noqa: E731
-  train = data_lib.tokenize_chapters([chapters[i] for i in train_idx], encode, config.eos_token_id)
-  held = data_lib.tokenize_chapters([chapters[i] for i in held_idx], encode, config.eos_token_id)
+  def bar(idx, what):
+    return tqdm([chapters[i] for i in idx], desc=f"tokenizing {what} chapters",
+                disable=not progress, dynamic_ncols=True, leave=False)
+
+  train = data_lib.tokenize_chapters(bar(train_idx, "training"), encode, config.eos_token_id)
+  held = data_lib.tokenize_chapters(bar(held_idx, "held-out"), encode, config.eos_token_id)
   rows = lambda ids: data_lib.chunk_tokens(ids, seq_len + 1)  # noqa: E731
   n_eval = max(eval_tokens // (seq_len + 1), 1)
   return Corpus(rows(train), rows(held)[:n_eval], config, params, tok)
 
 
 def corpus_from(cfg: Mapping[str, Any]) -> Corpus:
-  return load_corpus(cfg["seq_len"], cfg["n_heldout"], cfg["eval_tokens"], cfg.get("layers", 0))
+  return load_corpus(cfg["seq_len"], cfg["n_heldout"], cfg["eval_tokens"], cfg.get("layers", 0),
+                     cfg.get("progress", False))
 
 
 def apply_fn(config: llama.LlamaConfig) -> Callable:
@@ -152,7 +160,9 @@ def train(corpus: Corpus, cfg: Mapping[str, Any], *, steps: int | None = None,
   params = prepare(corpus, cfg)
   runner = make_runner(corpus, cfg, params)
   nll = nll_fn(corpus.config, factored=cfg["method"] == "lora")
-  heldout = lambda p: {"heldout_ppl": perplexity(nll, p, corpus.heldout, cfg["eval_batch"])}  # noqa: E731
+  def heldout(p):
+    return {"heldout_ppl": perplexity(nll, p, corpus.heldout, cfg["eval_batch"])}
+
   run = training.fit(runner, params, steps=steps,
                      indices=batch_rows(corpus.train.shape[0], cfg["batch_size"], cfg["seed"]),
                      make_batch=lambda idx: {"rows": corpus.train[idx]},

@@ -33,13 +33,12 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
 
 import jax
 
 import jlora
 from experiments import config as config_lib
-from experiments import fortunes, utils
+from experiments import finetune, fortunes, utils
 
 IA3_TARGETS = ("key", "value", "output")
 IA3_FEEDFORWARD = ("output",)
@@ -71,7 +70,8 @@ def add_method(task, cfg, method: str, seed: int):
 def run(task, cfg, method: str, seed: int) -> dict:
   """Trains one method for one seed; accuracy, parameter counts and the merge check."""
   t0 = time.perf_counter()
-  res = fortunes.train(task, dict(cfg, method="lora"), seed, params=add_method(task, cfg, method, seed),
+  res = fortunes.train(task, dict(cfg, method="lora"), seed,
+                       params=add_method(task, cfg, method, seed),
                        lr=cfg["ia3_lr"] if method == "ia3" else cfg["lr"], measure_memory=False)
   train_s = time.perf_counter() - t0
   check = fortunes.merge_check(task, cfg, res["params"], res["test_logits"])
@@ -88,7 +88,8 @@ def seed_list(spec: str) -> list[int]:
   try:
     return [int(x) for x in spec.split(",")] if "," in spec else list(range(int(spec)))
   except ValueError:
-    raise config_lib.ConfigError(f"--seeds: expected N or a list such as 1,2, got {spec!r}") from None
+    raise config_lib.ConfigError(
+        f"--seeds: expected N or a list such as 1,2, got {spec!r}") from None
 
 
 def cache_path(cfg, method: str, seed: int) -> str:
@@ -103,6 +104,7 @@ def main(argv=None) -> list[dict]:
   for method in cfg["methods"]:
     if method not in ("lora", "ia3", "dora"):
       raise config_lib.ConfigError(f"--methods: unknown method {method!r}; valid: lora, ia3, dora")
+  finetune.validate(dict(cfg, method="lora"))  # before any data: targets, rank, ...
   utils.setup_jax(cfg["compile_cache"])
   with utils.phase("loading MiniLM and tokenizing the fortunes"):
     task = fortunes.task_from(cfg)

@@ -250,6 +250,13 @@ def test_fortunes_sweeps_quick():
   assert "redrew" in out and os.path.isfile(os.path.join(REPO, "runs", "quick", "rank.png"))
 
 
+def test_data_parallel_takes_its_settings_like_every_script():
+  proc = _run("experiments.data_parallel", "--steps=0", timeout=120)
+  assert proc.returncode == 2 and "--steps: must be >= 1" in proc.stderr, proc.stderr
+  proc = _run("experiments.data_parallel", "--config=x", timeout=120)
+  assert proc.returncode == 2 and "takes no --config" in proc.stderr, proc.stderr
+
+
 def test_methods_compare_quick(tmp_path):
   out = _ok(_run("experiments.methods_compare", "--quick", "--seeds=1", f"--out_dir={tmp_path}"))
   for method in ("lora", "ia3", "dora"):
