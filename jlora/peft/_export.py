@@ -15,6 +15,10 @@ from jlora.methods.base import DEFAULT_NAME, Method
 from jlora.peft import _arrays, _files, _map
 
 
+# PEFT task types whose model class saves the head as a module to save.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
 def peft_methods() -> dict[str, type[Method]]:
   """Every method class with a PEFT form, by its prefix (``"lora"``, ...)."""
   found, todo = {}, list(Method.__subclasses__())
@@ -222,6 +226,11 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
   problems.raise_if_any()
   if task_type is None:
     task_type = getattr(module_path, "task_type", None)
+  if task_type in _HEAD_TASKS and not saved:
+    problems.add(f"task_type={task_type!r}: PEFT then loads the head from the file "
+                 "(modules_to_save), and the tree trains none; train the head "
+                 "(trainable=...) or export with task_type=None")
+    problems.raise_if_any()
   config.update({"task_type": task_type, "inference_mode": True,
                  "modules_to_save": saved or None,
                  "base_model_name_or_path": base_model_name_or_path})

@@ -97,11 +97,18 @@ class Target:
   param: str = "weight"
 
 
-def _compile(template: str, sep: str) -> tuple[re.Pattern, list[str]]:
+def _choices(*templates: str) -> dict[str, str]:
+  """``{placeholder: "a|b"}`` for the placeholders restricted in any template."""
+  return {m.group(1): m.group(2) for t in templates for m in _PLACEHOLDER.finditer(t)
+          if m.group(2)}
+
+
+def _compile(template: str, sep: str, restricted: dict[str, str]) -> tuple[re.Pattern, list[str]]:
   names, out, pos = [], [], 0
   for m in _PLACEHOLDER.finditer(template):
     out.append(re.escape(template[pos:m.start()]))
-    name, choices = m.group(1), m.group(2)
+    name = m.group(1)
+    choices = m.group(2) or restricted.get(name)
     names.append(name)
     if choices:
       alts = "|".join(re.escape(c) for c in choices.split("|"))
@@ -130,8 +137,9 @@ class Rule:
   layout: Layout = Layout()
 
   def __post_init__(self):
-    tree_re, tree_names = _compile(self.tree, "/")
-    torch_re, torch_names = _compile(self.torch, ".")
+    restricted = _choices(self.tree, self.torch)
+    tree_re, tree_names = _compile(self.tree, "/", restricted)
+    torch_re, torch_names = _compile(self.torch, ".", restricted)
     if sorted(set(tree_names)) != sorted(set(torch_names)):
       raise ValueError(f"Rule({self.tree!r}, {self.torch!r}): both templates must use "
                        f"the same placeholders, got {tree_names} and {torch_names}")

@@ -90,11 +90,10 @@ _ENCODER = (
     Rule("pooler/dense/kernel", "pooler.dense"),
 )
 BERT = ModuleMap(_ENCODER, name="BERT")
-BERT_CLS = BERT.prefixed("bert", "bert", rules=(Rule("classifier/kernel", "classifier"),),
-                         task_type="SEQ_CLS")
+BERT_CLS = BERT.prefixed("bert", "bert", rules=(Rule("classifier/kernel", "classifier"),))
 ROBERTA = ModuleMap(_ENCODER, name="RoBERTa")
 ROBERTA_CLS = ROBERTA.prefixed(
-    "roberta", "roberta", task_type="SEQ_CLS",
+    "roberta", "roberta",
     rules=(Rule("classifier/{p:dense|out_proj}/kernel", "classifier.{p}"),))
 
 __all__ = ("BERT", "BERT_CLS", "GEMMA2", "GEMMA3", "GPT2", "LLAMA", "MISTRAL", "PHI3",

@@ -1,0 +1,335 @@
+"""The real-PEFT oracle: jlora's PEFT files against PEFT itself, per model family.
+
+Needs torch, transformers and peft (not in the main test venv, so this file
+skips there); run it in the PEFT venv::
+
+  /work/peftvenv/bin/python -m pytest -q tests/test_peft_oracle.py
+
+No model is downloaded and no JAX port of any family is needed: each family
+is a tiny random ``transformers`` model built from its config; its state dict
+becomes the jlora tree through the family's `jlora.peft.maps` map. Then, for
+LoRA, DoRA and IA3:
+
+* jlora -> PEFT: random adapters (and a head trained in full, for LoRA)
+  are exported with `jlora.export_peft`, loaded with
+  ``PeftModel.from_pretrained`` with no missing or unexpected keys, and
+  ``merge_and_unload()`` must give the weights of `jlora.merge`;
+* PEFT -> jlora: a random PEFT adapter is saved with ``save_pretrained``,
+  imported with `jlora.import_peft`, and `jlora.merge` must give PEFT's
+  merged weights.
+
+The one documented difference: PEFT's IA3 also scales the bias of an
+output-side module, jlora does not (`jlora.IA3`); on those biases the test
+checks PEFT's value is exactly jlora's times ``l``.
+"""
+
+import re
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+peft = pytest.importorskip("peft")
+
+import torch  # noqa: E402  (peft needs it: present whenever peft is)
+import transformers as T  # noqa: E402
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+import jlora  # noqa: E402
+from jlora.peft import maps  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=32, tie_word_embeddings=False)
+DECODER_LORA = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|embed_tokens)$"
+DECODER_IA3 = (r"(k_proj|v_proj|down_proj)$", r"down_proj$")
+
+
+def _decoder(model_cls, config_cls, **extra):
+  return lambda: model_cls(config_cls(**SMALL, **extra))
+
+
+# family: (make model, map, LoRA/DoRA module regex, (IA3 regex, feedforward regex),
+#          modules to save, separate-q/k/v tree for a fused model)
+FAMILIES = {
+    "llama": (_decoder(T.LlamaForCausalLM, T.LlamaConfig, num_key_value_heads=1, head_dim=8),
+              maps.LLAMA, DECODER_LORA, DECODER_IA3, ("lm_head",), False),
+    "mistral": (_decoder(T.MistralForCausalLM, T.MistralConfig, num_key_value_heads=1,
+                         head_dim=8), maps.MISTRAL, DECODER_LORA, DECODER_IA3, ("lm_head",),
+                False),
+    "qwen2": (_decoder(T.Qwen2ForCausalLM, T.Qwen2Config, num_key_value_heads=1),
+              maps.QWEN2, DECODER_LORA, DECODER_IA3, ("lm_head",), False),
+    "qwen3": (_decoder(T.Qwen3ForCausalLM, T.Qwen3Config, num_key_value_heads=1, head_dim=8),
+              maps.QWEN3, DECODER_LORA, DECODER_IA3, ("lm_head",), False),
+    "gemma2": (_decoder(T.Gemma2ForCausalLM, T.Gemma2Config, num_key_value_heads=1,
+                        head_dim=8), maps.GEMMA2, DECODER_LORA, DECODER_IA3, ("lm_head",),
+               False),
+    "gemma3": (_decoder(T.Gemma3ForCausalLM, T.Gemma3TextConfig, num_key_value_heads=1,
+                        head_dim=8), maps.GEMMA3, DECODER_LORA, DECODER_IA3, ("lm_head",),
+               False),
+    "phi3": (_decoder(T.Phi3ForCausalLM, T.Phi3Config, num_key_value_heads=1, pad_token_id=0),
+             maps.PHI3, r"(qkv_proj|o_proj|gate_up_proj|down_proj|embed_tokens)$",
+             (r"(qkv_proj|down_proj)$", r"down_proj$"), ("lm_head",), False),
+    "phi3-separate-qkv": (
+        _decoder(T.Phi3ForCausalLM, T.Phi3Config, num_key_value_heads=1, pad_token_id=0),
+        maps.PHI3, r"(qkv_proj|o_proj|gate_up_proj|down_proj)$",
+        (r"(qkv_proj|down_proj)$", r"down_proj$"), ("lm_head",), True),
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+        tie_word_embeddings=False)), maps.GPT2, r"(c_attn|attn\.c_proj|c_fc|mlp\.c_proj|wte)$",
+        (r"(c_attn|mlp\.c_proj)$", r"mlp\.c_proj$"), ("lm_head",), False),
+    "gpt2-separate-qkv": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+        tie_word_embeddings=False)), maps.GPT2, r"(c_attn|attn\.c_proj|c_fc|mlp\.c_proj)$",
+        (r"(c_attn|mlp\.c_proj)$", r"mlp\.c_proj$"), ("lm_head",), True),
+    "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3)),
+        maps.BERT_CLS, r"(query|key|value|attention\.output\.dense|intermediate\.dense|"
+        r"layer\.\d+\.output\.dense|word_embeddings)$",
+        (r"(key|value|layer\.\d+\.output\.dense)$", r"layer\.\d+\.output\.dense$"),
+        ("classifier",), False),
+    "roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=40, num_labels=3, pad_token_id=1)),
+        maps.ROBERTA_CLS, r"(query|key|value|attention\.output\.dense|intermediate\.dense|"
+        r"layer\.\d+\.output\.dense|classifier\.dense)$",
+        (r"(key|value|layer\.\d+\.output\.dense)$", r"layer\.\d+\.output\.dense$"),
+        ("classifier.out_proj",), False),
+}
+METHODS = ("lora", "dora", "ia3")
+
+
+def make(family):
+  torch.manual_seed(0)
+  return FAMILIES[family][0]().eval()
+
+
+def set_path(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def to_tree(state, mmap):
+  """A jlora tree (numpy leaves) from a torch state dict, through the map."""
+  tree = {}
+  for key, t in state.items():
+    module, param = key.rsplit(".", 1)
+    path = mmap.tree_path(module, param)
+    if path is None:
+      continue
+    weight_path = mmap.tree_path(module, "weight")
+    layout = mmap.resolve(weight_path).layout
+    value = t.detach().numpy().astype(np.float32)
+    set_path(tree, path, layout.from_torch(value) if param == "weight" else value)
+  return tree
+
+
+def split_fused(tree):
+  """Phi-3 / GPT-2 tree with separate q/k/v (and gate/up) kernels, as a port
+  of another family would have them."""
+  tree = jax.tree.map(lambda x: x, tree)
+  for holder, fused, names in (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                               ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+                               ("attn", "c_attn", ("q_proj", "k_proj", "v_proj"))):
+    for layers in (tree.get("model", {}), tree.get("transformer", {})):
+      for layer in [v for k, v in layers.items() if re.fullmatch(r"(layers|h)_\d+", k)]:
+        if holder not in layer or fused not in layer[holder]:
+          continue
+        w = layer[holder].pop(fused)
+        n = w["kernel"].shape[1]
+        sizes = [n // 2, n // 4, n // 4] if fused == "qkv_proj" else [n // len(names)] * len(names)
+        cuts = np.cumsum([0] + sizes)
+        for name, lo, hi in zip(names, cuts[:-1], cuts[1:]):
+          layer[holder][name] = {k: v[..., lo:hi] for k, v in w.items()}
+  return tree
+
+
+def to_torch(tree, mmap):
+  """Torch state entries of a (merged, plain) jlora tree, fused parts joined."""
+  flat = {tuple(str(k.key) for k in kp): np.asarray(v)
+          for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  out, parts = {}, {}
+  for path, leaf in flat.items():
+    if path[-1] == "bias":
+      target = next((mmap.resolve(path[:-1] + (w,)) for w in ("kernel", "embedding")
+                     if path[:-1] + (w,) in flat), None)
+      param = "bias"
+    else:
+      target, param = mmap.resolve(path), "weight"
+    if target is None:
+      continue
+    layout = target.layout
+    value = layout.to_torch(leaf) if param == "weight" else leaf
+    if layout.fused:
+      parts.setdefault((target.module, param), {})[layout.part] = (value, layout)
+    else:
+      out[f"{target.module}.{param}"] = value
+  for (module, param), got in parts.items():
+    layout = got[0][1]
+    axis = 0 if param == "bias" or not layout.fan_in_fan_out else 1
+    out[f"{module}.{param}"] = np.concatenate([got[p][0] for p in sorted(got)], axis=axis)
+  return out
+
+
+def module_names(model, regex):
+  return sorted(n for n, _ in model.named_modules() if n and re.search(regex, n))
+
+
+def adapt(tree, mmap, family, method):
+  """Random adapters on the tree, of ``method``, on the family's modules."""
+  _, _, lora_re, (ia3_re, ff_re), save, _ = FAMILIES[family]
+
+  def picks(regex):
+    def pick(path, leaf):
+      target = mmap.resolve(tuple(path.split("/")))
+      if target is None:
+        return False
+      name = target.module
+      if target.layout.fused:  # the part stands for the fused module's own name
+        return bool(re.search(regex, name))
+      return bool(re.search(regex, name))
+    return pick
+
+  key = jax.random.key(1)
+  params = jax.tree.map(jnp.asarray, tree)
+  if method == "ia3":
+    params = jlora.ia3(params, targets=picks(ia3_re), feedforward=picks(ff_re))
+  elif method == "dora":
+    params = jlora.dora(params, {"v_proj|value|c_fc": 4, ".*": 2}, key=key,
+                        alpha={"q_proj|query": 8.0, ".*": 4.0},
+                        targets=lambda p, l: picks(lora_re)(p, l) and "embed" not in p
+                        and "wte" not in p)
+  else:
+    params = jlora.lorify(params, {"v_proj|value|c_fc": 4, ".*": 2}, key=key,
+                          alpha={"q_proj|query": 8.0, ".*": 4.0}, targets=picks(lora_re),
+                          trainable=tuple(s.split(".")[-1] for s in save))
+  rng = np.random.default_rng(2)
+  mask = jlora.trainable_mask(params)
+  leaves, treedef = jax.tree.flatten(params)
+  new = [jnp.asarray(l + 0.3 * rng.standard_normal(l.shape).astype(np.float32))
+         if m else l for l, m in zip(leaves, jax.tree.leaves(mask))]
+  return jax.tree.unflatten(treedef, new)
+
+
+def assert_merged_equal(ours, theirs, tensors, *, what):
+  """``theirs`` (PEFT merged state) equals ``ours`` on every key jlora maps;
+  IA3's output-side biases differ by the documented factor ``l``."""
+  assert ours, "no weights mapped"
+  scaled = {}
+  for key, t in tensors.items():
+    if key.endswith(".ia3_l") and t.shape[1] == 1:
+      scaled[key[len("base_model.model."):-len(".ia3_l")] + ".bias"] = t[:, 0]
+  for key, value in sorted(ours.items()):
+    expected = value * scaled[key] if key in scaled else value
+    got = theirs[key].detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6,
+                               err_msg=f"{what}: {key}")
+
+
+def base_state(family):
+  model = make(family)
+  return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_jlora_export_loads_in_peft_and_merges_the_same(family, method):
+  mmap, separate = FAMILIES[family][1], FAMILIES[family][5]
+  model = make(family)
+  tree = to_tree(model.state_dict(), mmap)
+  if separate:
+    tree = split_fused(tree)
+  params = adapt(tree, mmap, family, method)
+  d = tempfile.mkdtemp()
+  config = jlora.export_peft(params, d + "/adapter", module_path=mmap,
+                             base_model_name_or_path=f"tiny-{family}")
+  tensors = load_file(d + "/adapter/adapter_model.safetensors")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = PeftModel.from_pretrained(model, d + "/adapter")
+  bad = [str(w.message) for w in caught
+         if re.search(r"missing|unexpected", str(w.message), re.I)]
+  assert not bad, bad
+  state = get_peft_model_state_dict(loaded)
+  assert sorted(state) == sorted(tensors), "PEFT holds other adapter tensors than the file"
+  for key, t in tensors.items():
+    np.testing.assert_array_equal(state[key].detach().numpy(), t, err_msg=key)
+  if method == "lora":
+    assert config["modules_to_save"] == list(FAMILIES[family][4])
+  merged = loaded.merge_and_unload().state_dict()
+  ours = to_torch(jlora.merge(params), mmap)
+  assert_merged_equal(ours, merged, tensors, what=f"{family} {method} jlora->PEFT")
+  # The adapter matters: the merged weights are not the base's.
+  base = base_state(family)
+  assert any(not np.allclose(merged[k].numpy(), base[k].numpy()) for k in ours)
+
+
+def peft_config(family, model, method):
+  _, _, lora_re, (ia3_re, ff_re), save, separate = FAMILIES[family]
+  if method == "ia3":
+    return IA3Config(target_modules=module_names(model, ia3_re),
+                     feedforward_modules=module_names(model, ff_re))
+  targets = module_names(model, lora_re)
+  if method == "dora":
+    targets = [t for t in targets if "embed" not in t and "wte" not in t]
+  return LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=method == "dora",
+                    rank_pattern={r".*\.1\..*(v_proj|value|c_fc|qkv_proj|c_attn)": 3},
+                    alpha_pattern={r".*\.0\..*": 6}, use_rslora=family == "qwen2",
+                    modules_to_save=list(save) if method == "lora" else None,
+                    init_lora_weights=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_peft_adapter_imports_and_merges_the_same(family, method):
+  mmap, separate = FAMILIES[family][1], FAMILIES[family][5]
+  model = make(family)
+  tree = to_tree(model.state_dict(), mmap)
+  if separate:
+    tree = split_fused(tree)
+  peft_model = get_peft_model(model, peft_config(family, model, method))
+  gen = torch.Generator().manual_seed(3)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if p.requires_grad:  # adapters and modules to save: random, non-zero
+        p.add_(0.3 * torch.randn(p.shape, generator=gen))
+  d = tempfile.mkdtemp()
+  peft_model.save_pretrained(d)
+  tensors = load_file(d + "/adapter_model.safetensors")
+  imported = jlora.import_peft(jax.tree.map(jnp.asarray, tree), d, module_path=mmap)
+  merged = peft_model.merge_and_unload().state_dict()
+  ours = to_torch(jlora.merge(imported), mmap)
+  assert_merged_equal(ours, merged, tensors, what=f"{family} {method} PEFT->jlora")
+  base = base_state(family)
+  assert any(not np.allclose(merged[k].numpy(), base[k].numpy()) for k in ours)
+
+
+def test_embedding_dora_round_trips_through_peft():
+  """DoRA on an embedding: PEFT's DoraEmbeddingLayer norms per feature."""
+  family = "llama"
+  model = make(family)
+  tree = to_tree(model.state_dict(), maps.LLAMA)
+  params = jlora.dora(jax.tree.map(jnp.asarray, tree), 2, key=jax.random.key(0),
+                      targets=("embed_tokens",))
+  rng = np.random.default_rng(0)
+  mask = jlora.trainable_mask(params)
+  leaves, treedef = jax.tree.flatten(params)
+  params = jax.tree.unflatten(treedef, [
+      jnp.asarray(l + 0.3 * rng.standard_normal(l.shape).astype(np.float32)) if m else l
+      for l, m in zip(leaves, jax.tree.leaves(mask))])
+  d = tempfile.mkdtemp() + "/a"
+  jlora.export_peft(params, d, module_path=maps.LLAMA)
+  loaded = PeftModel.from_pretrained(model, d)
+  merged = loaded.merge_and_unload().state_dict()
+  ours = to_torch(jlora.merge(params), maps.LLAMA)
+  assert_merged_equal(ours, merged, {}, what="llama dora embedding")
