@@ -342,3 +342,180 @@ def test_sigkill_and_crash_mid_save_then_resume_is_bit_identical(tmp_path):
   assert sorted(got) == sorted(reference)
   for k in reference:
     assert got[k].tobytes() == reference[k].tobytes(), (k, kill_after)
+
+
+# -- failed and killed saves of adapters ----------------------------------------------
+
+def _lora_b(path) -> np.ndarray:
+  base = {"params": {"dense": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}}}
+  return np.asarray(jlora.load_adapters(base, path)["params"]["dense"]["lora_b"])
+
+
+def _save_child(out, *, hang: str | None = None, kill_after: float | None = None):
+  """Runs the saving child and SIGKILLs it when it prints ``hanging`` (or
+  ``kill_after`` seconds after its first save). Returns its output lines."""
+  args = [sys.executable, CHILD, "save", "--out", str(out)]
+  if hang:
+    args += ["--hang", hang]
+  lines = []
+  with subprocess.Popen(args, env=child_env(1), cwd=ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True) as proc:
+    try:
+      for line in proc.stdout:
+        lines.append(line.strip())
+        if line.strip() == "hanging":
+          break
+        if kill_after is not None and line.strip() == "saved 0":
+          import time
+          time.sleep(kill_after)
+          break
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=TIMEOUT)
+      lines += [line.strip() for line in proc.stdout]  # printed before the kill
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert proc.returncode == -signal.SIGKILL, lines
+  return lines
+
+
+@pytest.mark.parametrize("hang", ["write", "swap"])
+def test_sigkill_mid_save_keeps_the_previous_adapters(tmp_path, hang):
+  """Killed while the new files are half written, the previous adapters load
+  bit-identically; killed between the two renames of the fallback swap, the
+  loader names where the complete previous adapters are."""
+  lines = _save_child(tmp_path, hang=hang)
+  assert lines[:2] == ["saved 0", "hanging"], lines
+  previous = np.load(tmp_path / "v0.npy")
+  if hang == "write":
+    assert _lora_b(tmp_path / "adapters").tobytes() == previous.tobytes()
+    return
+  assert not os.path.exists(tmp_path / "adapters")
+  with pytest.raises(jlora.LoraError, match="interrupted") as e:
+    _lora_b(tmp_path / "adapters")
+  left = {p.rstrip(":") for p in str(e.value).split() if p.endswith(os.sep + "old:")}
+  assert len(left) == 1 and "the adapters it was replacing" in str(e.value), str(e.value)
+  left = left.pop()
+  assert _lora_b(left).tobytes() == previous.tobytes()
+
+
+def test_sigkill_at_a_random_moment_leaves_complete_adapters(tmp_path):
+  """Saves replace each other until SIGKILL: what is there is one complete
+  save, bit for bit (the last one announced, or the one after it)."""
+  delay = random.Random(os.environ.get("JLORA_KILL_SEED", "0")).uniform(0.05, 1.0)
+  lines = _save_child(tmp_path, kill_after=delay)
+  last = max(int(l.split()[1]) for l in lines if l.startswith("saved"))
+  got = _lora_b(tmp_path / "adapters")
+  assert got.tobytes() in {np.full((4, 64), float(i + 1), np.float32).tobytes()
+                           for i in (last, last + 1)}, (last, got[0, 0])
+
+
+class _Full(Exception):
+  pass
+
+
+@pytest.mark.parametrize("where", ["finalize", "swap"])
+def test_failing_save_keeps_the_previous_adapters(tmp_path, big, monkeypatch, where):
+  """A disk that fills up while orbax commits the new files, or a rename
+  that fails in the swap: a LoraError naming the directory, and the previous
+  adapters load bit-identically."""
+  import errno
+  from orbax.checkpoint._src.path import atomicity
+  from jlora._checkpoint import atomic
+  base, params = big
+  path = tmp_path / "a"
+  jlora.save_adapters(params, path)
+  before = jlora.load_adapters(base, path)
+  changed = jax.tree.map(lambda x: x, params)
+  changed["params"]["body"]["lora_b"] = jnp.full((4, 256), 2.0)
+  if where == "finalize":
+    async def full(self, *a, **k):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+  else:
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real = os.rename
+
+    def rename(src, dst):
+      if not dst.endswith(os.sep + "old"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+      real(src, dst)
+    monkeypatch.setattr(atomic.os, "rename", rename)
+  with pytest.raises(jlora.LoraError, match="No space left") as e:
+    jlora.save_adapters(changed, path, force=True)
+  assert str(path) in str(e.value) and "intact" in str(e.value)
+  monkeypatch.undo()
+  after = jlora.load_adapters(base, path)
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert os.listdir(tmp_path) == ["a"]  # no temporary directory left behind
+  jlora.save_adapters(changed, path, force=True)  # and the next save works
+  np.testing.assert_array_equal(
+      jlora.load_adapters(base, path)["params"]["body"]["lora_b"], 2.0)
+
+
+def test_force_replaces_only_adapters(tmp_path, big):
+  _, params = big
+  (tmp_path / "file").write_text("keep me")
+  (tmp_path / "dir").mkdir()
+  (tmp_path / "dir" / "notes.txt").write_text("keep me")
+  for name, what in (("file", "is a file"), ("dir", "notes.txt")):
+    with pytest.raises(jlora.LoraError, match="replaces only a jlora adapter") as e:
+      jlora.save_adapters(params, tmp_path / name, force=True)
+    assert what in str(e.value) and str(tmp_path / name) in str(e.value)
+  assert (tmp_path / "file").read_text() == "keep me"
+  assert (tmp_path / "dir" / "notes.txt").read_text() == "keep me"
+  (tmp_path / "empty").mkdir()
+  jlora.save_adapters(params, tmp_path / "empty", force=True)  # nothing to lose
+
+
+@pytest.fixture(scope="module")
+def one_step():
+  """A state after one step of a small run."""
+  params = tc.lorified()
+  trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, donate=False)
+  state, frozen = trainer.init(params, key=jax.random.key(5))
+  state, _ = trainer.step(state, frozen, tc.batch(0))
+  return trainer, state
+
+
+def test_restore_checks_the_recorded_step(tmp_path, one_step):
+  _, state = one_step
+  with jlora.Checkpoints(tmp_path, every=1) as ckpts:
+    ckpts.save(state, force=True)
+  step = int(state.step)
+  os.rename(tmp_path / str(step), tmp_path / str(step + 5))
+  with jlora.Checkpoints(tmp_path) as ckpts:
+    with pytest.raises(jlora.LoraError, match="renamed or copied") as e:
+      ckpts.restore(state)
+  assert f"records step {step}, its directory says {step + 5}" in str(e.value)
+
+
+def test_disk_full_during_a_training_save(tmp_path, one_step, monkeypatch):
+  """Orbax writes asynchronously: the failure surfaces at the next wait or
+  save, as a LoraError naming the directory; the previous step restores."""
+  import errno
+  from orbax.checkpoint._src.path import atomicity
+  _, state = one_step
+  ckpts = jlora.Checkpoints(tmp_path, every=1)
+  ckpts.save(state, force=True)
+  ckpts.wait()
+  later = state._replace(step=state.step + 1)
+
+  async def full(self, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+  with pytest.raises(jlora.LoraError, match="No space left") as e:
+    ckpts.save(later)
+    ckpts.wait()
+  assert str(tmp_path) in str(e.value) and f"steps [{int(state.step)}]" in str(e.value)
+  monkeypatch.undo()
+  ckpts.close()
+  with jlora.Checkpoints(tmp_path) as again:
+    assert again.all_steps() == [int(state.step)]
+    restored, _ = again.restore(state)
+  got, want = tc.flat(restored), tc.flat(state)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert got[k].tobytes() == want[k].tobytes(), k

@@ -195,9 +195,65 @@ def train(out: str, steps: int, every: int, crash_at: int | None = None) -> None
   np.savez(os.path.join(out, "final.npz"), **tc.flat(state.adapters))
 
 
+def save(out: str, hang: str | None) -> None:
+  """Saves adapters ``v0`` to ``out/adapters``, prints ``saved 0``, then
+  replaces them with ``force=True`` by ``v1``, ``v2``, ... for ever, printing
+  ``saved N`` after each. With ``hang``, the second save blocks at that point
+  (``write``: its files half written; ``swap``: the new directory complete,
+  the old one renamed aside) and prints ``hanging``, for the parent to
+  SIGKILL."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jlora
+  from jlora._checkpoint import adapters, atomic
+  base = {"params": {"dense": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}}}
+  params = jlora.lorify(base, 4, key=jax.random.key(0))
+  path = os.path.join(out, "adapters")
+
+  def version(i):
+    p = dict(params["params"]["dense"])
+    p["lora_b"] = jnp.full((4, 64), float(i + 1))
+    return {"params": {"dense": p}}
+
+  def hang_now():
+    print("hanging", flush=True)
+    time.sleep(600)
+
+  jlora.save_adapters(version(0), path)
+  np.save(os.path.join(out, "v0.npy"), np.asarray(version(0)["params"]["dense"]["lora_b"]))
+  print("saved 0", flush=True)
+  if hang == "write":
+    real = adapters.write
+
+    def write(directory, items, record):
+      real(directory, items, record)
+      os.remove(os.path.join(directory, "jlora", "metadata"))  # half written
+      hang_now()
+    adapters.write = write
+  if hang == "swap":
+    atomic._exchange = lambda a, b: False  # the fallback: two renames
+    real_rename = os.rename
+
+    def rename(src, dst):
+      real_rename(src, dst)
+      if dst.endswith(os.sep + "old"):
+        hang_now()
+    atomic.os.rename = rename
+  i = 1
+  while True:
+    jlora.save_adapters(version(i), path, force=True)
+    print(f"saved {i}", flush=True)
+    i += 1
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["equivalence", "reshard", "multiprocess", "train"])
+  parser.add_argument("mode", choices=["equivalence", "reshard", "multiprocess", "train",
+                                           "save"])
   parser.add_argument("--out", required=True)
   parser.add_argument("--pid", type=int, default=0)
   parser.add_argument("--nproc", type=int, default=2)
@@ -205,6 +261,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--every", type=int, default=2)
   parser.add_argument("--crash-at", type=int, default=None)
+  parser.add_argument("--hang", choices=["write", "swap"], default=None)
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   if args.mode == "equivalence":
@@ -213,6 +270,8 @@ def main(argv=None) -> None:
     reshard(args.out)
   elif args.mode == "multiprocess":
     multiprocess(args.out, args.pid, args.port, args.nproc)
+  elif args.mode == "save":
+    save(args.out, args.hang)
   else:
     train(args.out, args.steps, args.every, args.crash_at)
 

@@ -18,8 +18,13 @@ Both record a SHA-256 of every array and of the record itself, and check them
 when loading: a truncated, corrupted or mismatched checkpoint raises
 `LoraError` naming the checkpoint and the fix; nothing is loaded partially.
 
-Modules: `files` (what both formats share), `adapters` (`save_adapters`,
-`load_adapters`), `state` (`Checkpoints`).
+A failed or killed save never loses what was there: `save_adapters` writes
+beside its target and swaps the complete directory in (`atomic`), and a
+`Checkpoints` save that fails (a full disk) raises `LoraError` naming the
+directory, with the earlier steps intact.
+
+Modules: `files` (what both formats share), `atomic` (write beside, then
+swap), `adapters` (`save_adapters`, `load_adapters`), `state` (`Checkpoints`).
 """
 
 from jlora._checkpoint.adapters import load_adapters as load_adapters

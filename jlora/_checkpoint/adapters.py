@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,10 +16,11 @@ from jlora._errors import LoraError, Problems
 from jlora.methods.base import Method
 from jlora._structure import FullyTrainable
 from jlora._tree import Path, keypath_to_path, path_str
+from jlora._checkpoint.atomic import interrupted, write_beside
 from jlora._checkpoint.files import (ADAPTERS, ARRAYS_ITEM, RECORD_ITEM, VERSION,
                                     checkpointer, compare_leaves, digest, fingerprint,
-                                    host, json_path, method_types, ocp_module,
-                                    read_arrays, read_record, sha)
+                                    first_line, host, json_path, method_types,
+                                    ocp_module, read_arrays, read_record, sha)
 
 
 def save_adapters(params: Any, path: str | os.PathLike, *, force: bool = False) -> None:
@@ -29,13 +31,20 @@ def save_adapters(params: Any, path: str | os.PathLike, *, force: bool = False) 
   fields (rank, alpha, layout) per adapted path, and a fingerprint (paths,
   shapes, dtypes) of the base tree they were trained on.
 
+  The save is atomic: it writes into a temporary directory beside ``path``
+  and swaps it in only when complete, so a save that fails (a full disk) or
+  is killed leaves the previous adapters at ``path`` intact and loadable.
+
   Args:
     params: a lorified tree (e.g. ``trainer.params(state, frozen)``).
     path: a directory that does not exist yet.
-    force: overwrite ``path`` if it exists.
+    force: replace the adapter checkpoint at ``path``; it never replaces
+      anything else (a file, another directory).
 
   Raises:
-    LoraError: ``path`` exists, or the tree has no adapters.
+    LoraError: a bad argument, ``path`` exists (or, with ``force``, holds
+      something other than jlora adapters), the tree has no adapters, or
+      the write failed (then ``path`` is unchanged).
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora, tempfile, os
@@ -49,13 +58,25 @@ def save_adapters(params: Any, path: str | os.PathLike, *, force: bool = False) 
   """
   params, path = _tree.params_first(params, path, fn="save_adapters", tree="params",
                                     path="path")
-  path = os.path.abspath(os.fspath(path))
-  base, entries, trained = _structure.read(params, what="the tree passed to save_adapters")
   problems = Problems("jlora: cannot save adapters")
+  path = check_path(path, problems)
+  _check_flag(force, "force", problems)
+  if params is None or _tree.is_array(params):
+    problems.add(f"params: got {_what(params)}, expected a lorified tree (a dict from "
+                 "jlora.lorify or trainer.params(state, frozen)); pass that tree")
+    problems.raise_if_any()
+  base, entries, trained = _structure.read(params, what="the tree passed to save_adapters")
   if not entries and not trained:
     problems.add("params holds no adapters; add them with jlora.lorify first")
-  if os.path.exists(path) and not force:
-    problems.add(f"{path} already exists; choose a new directory or pass force=True")
+  if path is not None and os.path.lexists(path):
+    if not force:
+      problems.add(f"{path} already exists; choose a new directory or pass force=True "
+                   "(which replaces only a jlora adapter directory)")
+    else:
+      why = _not_replaceable(path)
+      if why:
+        problems.add(f"{path}: {why}; force=True replaces only a jlora adapter "
+                     "directory: remove it yourself or choose another path")
   problems.raise_if_any()
   methods, arrays, marked = [], [], []
   for wpath in sorted(entries, key=path_str):
@@ -83,10 +104,64 @@ def save_adapters(params: Any, path: str | os.PathLike, *, force: bool = False) 
   }
   record["checksum"] = digest(record)
   items = {f"{i:05d}": x for i, (_, x) in enumerate(arrays)}
+  try:
+    write_beside(path, lambda tmp: write(tmp, items, record),
+                 replace=os.path.lexists(path))
+  except Exception as e:  # a full disk, a read-only folder, a failing writer
+    raise LoraError([f"{path}: {type(e).__name__}: {first_line(e)}"], header=(
+        "jlora: saving the adapters failed; nothing at that path was changed (any "
+        "previous adapters there are intact); free space or fix the folder's "
+        "permissions, then save again")) from e
+
+
+def write(directory: str, items: dict, record: dict) -> None:
+  """Writes the arrays and the record of an adapter checkpoint to ``directory``."""
   ocp = ocp_module()
-  checkpointer().save(path, ocp.args.Composite(**{
+  checkpointer().save(directory, ocp.args.Composite(**{
       ARRAYS_ITEM: ocp.args.StandardSave(items),
-      RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)
+      RECORD_ITEM: ocp.args.JsonSave(record)}))
+
+
+def check_path(path: Any, problems: Problems) -> str | None:
+  """``path`` as an absolute str, or None after adding a problem."""
+  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    problems.add(f"path: got {_what(path)}, expected a directory path (a str or "
+                 "pathlib.Path) such as 'runs/adapters'")
+    return None
+  return os.path.abspath(os.fspath(path))
+
+
+def _check_flag(value: Any, name: str, problems: Problems) -> None:
+  if not isinstance(value, bool):
+    problems.add(f"{name}: got {value!r}, expected True or False")
+
+
+def _what(x: Any) -> str:
+  if _tree.is_array(x):
+    return f"an array of shape {tuple(x.shape)}"
+  return "None" if x is None else f"{type(x).__name__} {x!r:.60}"
+
+
+def is_adapter_dir(path: str) -> bool:
+  """Whether ``path`` holds a complete adapter checkpoint (its record says so)."""
+  try:
+    with open(os.path.join(path, RECORD_ITEM, "metadata")) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and record.get("format") == ADAPTERS
+
+
+def _not_replaceable(path: str) -> str | None:
+  """Why ``force=True`` must not replace what is at ``path`` (None: it may)."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return "is a file, not a directory" if os.path.isfile(path) else \
+        "is not a directory"
+  names = sorted(os.listdir(path))
+  if not names or is_adapter_dir(path):
+    return None
+  shown = names[:8] + ([f"... and {len(names) - 8} more"] if len(names) > 8 else [])
+  return f"is a directory that is not a jlora adapter checkpoint (it holds {shown})"
 
 
 def load_adapters(base_params: Any, path: str | os.PathLike) -> Any:
@@ -107,8 +182,21 @@ def load_adapters(base_params: Any, path: str | os.PathLike) -> Any:
   """
   base_params, path = _tree.params_first(base_params, path, fn="load_adapters",
                                          tree="base_params", path="path")
-  path = os.path.abspath(os.fspath(path))
+  problems = Problems("jlora: cannot load adapters")
+  path = check_path(path, problems)
+  if base_params is None or _tree.is_array(base_params):
+    problems.add(f"base_params: got {_what(base_params)}, expected the base tree the "
+                 "adapters were trained on (e.g. model.init(...)); pass that tree")
+  problems.raise_if_any()
   fix = "save the adapters again with jlora.save_adapters"
+  if not os.path.exists(path):
+    left = interrupted(path, is_adapter_dir)
+    if left:
+      roles = {"old": "the adapters it was replacing", "new": "the ones being saved"}
+      raise LoraError([f"{path}: no such directory; a save to it was interrupted"] + [
+          f"{p}: complete adapters, {roles[os.path.basename(p)]}" for p in left],
+          header=f"jlora: cannot load adapters; move one of these to {path} and load "
+          "again")
   record = read_record(path, kind=ADAPTERS, what="adapter checkpoint", fix=fix)
   base, entries, trained = _structure.read(base_params, what="base_params")
   if entries or trained:

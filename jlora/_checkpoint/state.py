@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -12,12 +13,27 @@ import numpy as np
 
 from jlora._errors import LoraError, Problems
 from jlora._checkpoint.files import (ARRAYS_ITEM, RECORD_ITEM, STATE, VERSION,
-                                    compare_leaves, digest, host, ocp_module,
+                                    compare_leaves, digest, first_line, host,
+                                    ocp_module,
                                     read_arrays, read_record, sha)
 
 
 def _is_key(x: Any) -> bool:
   return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def check_state(state: Any, name: str, problems: Problems) -> None:
+  """Adds a problem unless ``state`` is a `TrainState` (or shaped like one)."""
+  from jlora._train.state import TrainState
+  if isinstance(state, TrainState):
+    return
+  fields = ("step", "adapters", "opt_state", "key")
+  if all(hasattr(state, f) for f in fields) and hasattr(state.step, "dtype"):
+    return
+  got = "None" if state is None else f"{type(state).__name__}"
+  problems.add(f"{name}: got {got}, expected a jlora.TrainState (the state from "
+               "trainer.init or trainer.step, not the frozen half or a params tree); "
+               "pass that state")
 
 
 class Checkpoints:
@@ -56,6 +72,11 @@ class Checkpoints:
   def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int | None = 3,
                async_save: bool = True):
     problems = Problems("jlora: cannot open checkpoints")
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+      problems.add(f"directory: got {directory!r}, expected a directory path (a str or "
+                   "pathlib.Path) such as 'runs/ckpt'")
+    if not isinstance(async_save, bool):
+      problems.add(f"async_save: got {async_save!r}, expected True or False")
     for name, value, none_ok in (("every", every, False), ("keep", keep, True)):
       if value is None and none_ok:
         continue
@@ -85,12 +106,43 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are written.
+
+    Raises:
+      LoraError: a pending save failed (a full disk); the previous
+        checkpoints are intact.
+    """
+    with self._writing("a pending save"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
-    self._manager.close()
+    with self._writing("a pending save"):
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _writing(self, what: str):
+    """Turns a failed write (here or in orbax's background thread) into a
+    `LoraError` that names the directory."""
+    try:
+      yield
+    except LoraError:
+      raise
+    except Exception as e:  # OSError (ENOSPC, EACCES) or orbax's wrapping of it
+      cause = e
+      while cause.__cause__ is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+      raise LoraError([f"{self.directory}: {type(cause).__name__}: {first_line(cause)}"],
+                      header=(f"jlora: {what} of the training checkpoint failed; the "
+                              f"complete checkpoints ({self._complete()}) are intact; "
+                              "free space or fix the folder, then save again")) from e
+
+  def _complete(self) -> str:
+    try:
+      steps = self.all_steps()
+    except Exception:  # the directory itself is unreadable
+      return "unknown"
+    return f"steps {steps}" if steps else "none yet"
 
   def save(self, state: Any, *, data: Any = None, force: bool = False) -> bool:
     """Saves ``state`` if its step is a multiple of ``every`` (or ``force``).
@@ -103,15 +155,25 @@ class Checkpoints:
 
     Returns:
       Whether a save was started.
+
+    Raises:
+      LoraError: ``state`` is not a `TrainState`, ``data`` is not JSON, or
+        writing failed (this save, or the previous asynchronous one); the
+        complete checkpoints are intact.
     """
-    step = int(np.asarray(host(state.step)).reshape(-1)[0])
-    if not force and not self._manager.should_save(step):
-      return False
+    problems = Problems("jlora: cannot save the training checkpoint")
+    check_state(state, "state", problems)
+    if not isinstance(force, bool):
+      problems.add(f"force: got {force!r}, expected True or False")
     try:
       json.dumps(data)
     except (TypeError, ValueError) as e:
-      raise LoraError([f"data: {e}"], header="jlora: the data position must be "
-                      "JSON-serialisable (numbers, strings, lists, dicts)") from None
+      problems.add(f"data: {e}; the data position must be JSON-serialisable "
+                   "(numbers, strings, lists, dicts)")
+    problems.raise_if_any()
+    step = int(np.asarray(host(state.step)).reshape(-1)[0])
+    if not force and not self._manager.should_save(step):
+      return False
     flat, leaves = [], []
     for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]:
       impl = None
@@ -129,9 +191,10 @@ class Checkpoints:
     record["checksum"] = digest(record)
     items = {f"{i:05d}": x for i, x in enumerate(flat)}
     ocp = ocp_module()
-    return self._manager.save(step, args=ocp.args.Composite(**{
-        ARRAYS_ITEM: ocp.args.StandardSave(items),
-        RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)
+    with self._writing(f"the save of step {step} (or the one before it)"):
+      return self._manager.save(step, args=ocp.args.Composite(**{
+          ARRAYS_ITEM: ocp.args.StandardSave(items),
+          RECORD_ITEM: ocp.args.JsonSave(record)}), force=force)
 
   def restore(self, like: Any, *, step: int | None = None) -> tuple[Any, Any]:
     """Restores a saved state onto the layout of ``like``.
@@ -149,12 +212,18 @@ class Checkpoints:
         optimizer; or a truncated or corrupted one. Nothing is loaded
         partially.
     """
+    problems = Problems("jlora: cannot restore the training checkpoint")
+    check_state(like, "like", problems)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+      problems.add(f"step: got {step!r}, expected None (the newest) or an int from "
+                   "all_steps()")
     self.wait()
     steps = self.all_steps()
+    if step is None and not steps:
+      problems.add(f"{self.directory}: no complete checkpoint, so nothing to restore; "
+                   "check `latest_step()` is not None first")
+    problems.raise_if_any()
     if step is None:
-      if not steps:
-        raise LoraError([f"{self.directory}: no complete checkpoint"], header=(
-            "jlora: nothing to restore; check `latest_step()` is not None first"))
       step = steps[-1]
     where = os.path.join(self.directory, str(step))
     if step not in steps:
@@ -164,6 +233,11 @@ class Checkpoints:
     fix = (f"pass step={earlier[-1]} (or delete {where}) to resume from the previous "
            "checkpoint" if earlier else "start the run afresh (no earlier checkpoint)")
     record = read_record(where, kind=STATE, what="training checkpoint", fix=fix)
+    if record.get("step") != step:
+      raise LoraError([f"{where}: the checkpoint records step {record.get('step')!r}, its "
+                       f"directory says {step}"], header=(
+          "jlora: the checkpoint directory was renamed or copied; rename it back to "
+          f"{record.get('step')!r}, or delete it and {fix}"))
     kps, treedef = jax.tree_util.tree_flatten_with_path(like)
     template = []
     for kp, x in kps:
