@@ -18,7 +18,7 @@ layers = 0                # keep only the first N decoder layers (0: all 30; for
 
 # -- method
 method = "lora"           # "lora" or "full"
-targets = ("q_proj", "v_proj")  # or q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+targets = ("q_proj", "v_proj")  # module names that get adapters; all: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 head = ()                 # nothing trained in full (the LM head is tied to embed_tokens)
 
 # -- optimization
@@ -28,7 +28,7 @@ lr = 1e-3                 # peak learning rate of the adapters (AdamW)
 full_lr = 2e-5            # peak learning rate of every weight when method == "full"
 warmup = 4                # linear warm-up steps, then cosine decay to 0
 
-# -- evaluation, samples, checkpoints
+# -- evaluation, checkpoints, output
 eval_every = 20           # steps between held-out perplexity evaluations
 eval_batch = 8            # rows per evaluation batch
 prompts = ("The whale", "Captain Ahab stood upon the deck and")  # greedy samples before and after

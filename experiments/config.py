@@ -72,9 +72,12 @@ class Defaults:
   sections: dict[str, str]
   source: str
 
-  def merged(self, other: Defaults, source: str = "") -> Defaults:
-    """``other`` over ``self``: its values win, its new keys come after."""
-    return Defaults({**self.settings, **other.settings}, {**self.quick, **other.quick},
+  def merged(self, other: Defaults, source: str = "", *, first: bool = False) -> Defaults:
+    """``other`` over ``self``: its values win; its keys come after (``first``: before)."""
+    keys = list(other.settings) + [k for k in self.settings if k not in other.settings] if first \
+        else list(self.settings) + [k for k in other.settings if k not in self.settings]
+    values = {**self.settings, **other.settings}
+    return Defaults({k: values[k] for k in keys}, {**self.quick, **other.quick},
                     {**self.comments, **{k: v for k, v in other.comments.items() if v}},
                     {**self.sections, **{k: v for k, v in other.sections.items()
                                          if k not in self.sections}},
@@ -146,7 +149,8 @@ def read(name: str, *, _seen: tuple[str, ...] = ()) -> Defaults:
                  dict(namespace.get("QUICK", {})), {}, {}, os.path.relpath(path, REPO_ROOT))
   own.comments = {k: helps.get(k, "") for k in own.settings}
   own.sections = {k: sections.get(k, "") for k in own.settings}
-  out = read(namespace["BASE"], _seen=_seen + (path,)).merged(own) if "BASE" in namespace else own
+  out = (read(namespace["BASE"], _seen=_seen + (path,)).merged(own, first=True)
+         if "BASE" in namespace else own)
   unknown = sorted(set(out.quick) - set(out.settings))
   if unknown:
     raise ConfigError(f"{path}: QUICK sets unknown keys {unknown}")
@@ -276,8 +280,8 @@ def help_text(defaults: Defaults, usage: str = "") -> str:
            "[quick: ...], --help prints this:", ""]
   width = max([len(f"--{k}={_show(v)}") for k, v in defaults.settings.items()] + [0])
   width = min(width, 40)
-  order = sorted(defaults.settings, key=lambda k: list(dict.fromkeys(
-      defaults.sections.values())).index(defaults.sections[k]))
+  sections = list(dict.fromkeys(defaults.sections[k] for k in defaults.settings))
+  order = sorted(defaults.settings, key=lambda k: sections.index(defaults.sections[k]))
   section = None
   for key in order:
     if defaults.sections[key] != section:
@@ -389,7 +393,10 @@ def run_main(main, argv: Sequence[str] | None) -> Any:
   try:
     return main(sys.argv[1:] if argv is None else list(argv))
   except ShowHelp as e:
-    print(e)
+    try:
+      print(e, flush=True)
+    except BrokenPipeError:  # `--help | head`
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(0) from None
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
