@@ -131,6 +131,23 @@ def test_every_config_file_loads_with_its_quick_overrides():
     assert settings["task"] in ("fortunes", "mobydick"), name
 
 
+def test_module_path_doctests_of_the_ports():
+  """bert_module_path / llama_module_path (PEFT names of the ports) run their examples."""
+  import doctest
+
+  from experiments.models import bert, llama
+
+  for module in (bert, llama):
+    result = doctest.testmod(module)
+    assert result.attempted >= 1 and result.failed == 0, module.__name__
+  assert bert.bert_module_path(("params", "bert", "encoder", "layer_2", "attention", "query")) \
+      == "bert.encoder.layer.2.attention.self.query"
+  assert bert.bert_module_path(("params", "classifier")) is None
+  assert llama.llama_module_path(("params", "model", "layers_0", "mlp", "down_proj")) \
+      == "model.layers.0.mlp.down_proj"
+  assert llama.llama_module_path(("params", "model", "embed_tokens")) is None
+
+
 # --------------------------------------------------------------------------- the main job
 
 
