@@ -26,6 +26,11 @@ from jlora._structure import FullyTrainable as FullyTrainable
 from jlora._runtime import FactoredFallbackWarning as FactoredFallbackWarning
 from jlora._runtime import lora as lora
 from jlora._merge import merge as merge
+# Quantized frozen weights (QLoRA): int8, int4, NF4, GGUF blocks.
+from jlora import quant as quant
+from jlora.quant import Quantized as Quantized
+from jlora.quant import dequantize as dequantize
+from jlora.quant import quantize as quantize
 from jlora._summary import Summary as Summary
 from jlora._summary import summary as summary
 # Named adapters.
@@ -60,6 +65,7 @@ __all__ = (
     "import_peft", "load_adapters", "lora", "lorify", "merge", "partition",
     "route", "save_adapters", "select", "stack_adapters", "summary", "ties",
     "train_step", "trainable_mask", "weighted_adapter",
+    "Quantized", "dequantize", "quant", "quantize",
 )
 
 __version__ = "0.1.0"

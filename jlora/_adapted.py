@@ -21,6 +21,7 @@ from jax import lax
 
 from jlora import _labels, _structure
 from jlora._labels import Labels
+from jlora.quant import _lazy
 from jlora._tree import Path
 from jlora.methods.base import Method
 
@@ -74,7 +75,7 @@ class Adapted:
 
   def materialize(self) -> jax.Array:
     """The dense effective weight: every method folded in, in order."""
-    w = self.w
+    w = _lazy.materialize(self.w)
     for t in self.terms:
       w = t.method.fold(w, self.labels, t.arrays, t.labels)
     return w
@@ -89,14 +90,14 @@ def enter(weight: jax.Array, entry: _structure.Entry) -> Adapted:
       f"i{k}_{tag}" for k in range(i)) + tuple(
           f"o{k}_{tag}" for k in range(weight.ndim - s - i))
   # The base weight is frozen by definition: no dense gradient is ever formed.
-  weight = lax.stop_gradient(weight)
+  weight = _lazy.stop_gradient(_lazy.enter(weight))
   terms: list[Term] = []
   for n, adapter in enumerate(entry.adapters):
     method = adapter.method
     wl = method.weight_labels(labels)
 
     def inner_weight(_below=tuple(terms)):
-      w = weight
+      w = _lazy.materialize(weight)
       for t in _below:
         w = t.method.fold(w, labels, t.arrays, t.labels)
       return w

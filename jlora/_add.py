@@ -28,7 +28,7 @@ def _check_key(key: Any, problems: Problems) -> None:
 def _candidates(params: Any, problems: Problems) -> list[tuple[Path, Any]]:
   """Every array leaf that is not itself an adapter; non-arrays are problems."""
   out = []
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_tree.is_quantized)
   adapter_leaves = set()
   for path, mapping in _tree.iter_mappings(params):
     adapter_leaves.update(path + (k,) for k in _structure.adapter_keys(mapping))
@@ -131,8 +131,14 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
       method = methods.get(path + (k,))
       if method is None:
         continue
-      arrays, new_weight = method.create(keys[path + (k,)], leaf,
+      # A quantized weight: the method sees its values (DoRA's norms, PiSSA's
+      # SVD); a weight it changes (PiSSA's residual) is quantized again alike.
+      values = leaf.dequantize() if _tree.is_quantized(leaf) else leaf
+      arrays, new_weight = method.create(keys[path + (k,)], values,
                                          dtype=dtype or leaf.dtype)
+      if values is not leaf:
+        from jlora.quant._transform import like
+        new_weight = leaf if new_weight is values else like(leaf, new_weight)
       items[k] = new_weight
       items[method.spec_key] = method
       items.update(zip(method.leaf_keys, arrays))

@@ -8,10 +8,10 @@ import jax
 
 from jlora import _structure
 from jlora._adapted import enter
-from jlora._tree import keypath_to_path
+from jlora._tree import is_quantized, keypath_to_path
 
 
-def merge(params: Any) -> Any:
+def merge(params: Any, *, dtype: Any = None, requantize: Any = None) -> Any:
   """Folds every adapter into its weight and returns a plain tree.
 
   The result has exactly the structure, shapes and dtypes of the tree before
@@ -20,8 +20,16 @@ def merge(params: Any) -> Any:
   the weight's and the adapters' dtypes, then cast back), with every method on
   it applied in order.
 
+  Quantized weights (`jlora.quantize`) come back as float arrays, folded
+  with their adapters when they have any.
+
   Args:
     params: a jlora tree.
+    dtype: dtype of the merged and the dequantized weights; None keeps each
+      weight's dtype (a quantized weight's logical dtype).
+    requantize: for a tree with quantized weights: None gives float arrays,
+      True quantizes each merged weight again in its own format and layout,
+      a format name (``"nf4"``) quantizes them all in that format.
 
   Returns:
     A plain tree for the base model.
@@ -38,14 +46,20 @@ def merge(params: Any) -> Any:
     True
   """
   base, entries, _ = _structure.read(params, what="the tree passed to merge")
-  if not entries:
+  quantized = any(is_quantized(x) for x in jax.tree.leaves(base, is_leaf=is_quantized))
+  if not entries and not quantized and dtype is None and requantize in (None, False):
     return base
 
   def fold(kp, leaf):
     path = keypath_to_path(kp)
     entry = entries.get(path)
-    if entry is None:
+    if entry is None and not is_quantized(leaf):
       return leaf
-    return enter(leaf, entry).materialize()
+    w = leaf.dequantize() if entry is None else enter(leaf, entry).materialize()
+    return w if dtype is None else w.astype(dtype)
 
-  return jax.tree_util.tree_map_with_path(fold, base)
+  merged = jax.tree_util.tree_map_with_path(fold, base, is_leaf=is_quantized)
+  if requantize is None or requantize is False:
+    return merged
+  from jlora.quant._transform import requantize as again
+  return again(merged, base, requantize)

@@ -35,7 +35,14 @@ def keypath_to_path(keypath) -> Path:
 
 
 def is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+  from jlora.quant._array import Quantized  # a quantized weight is one leaf
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, Quantized))
+
+
+def is_quantized(x: Any) -> bool:
+  """``is_leaf=`` for tree walks that treat a quantized weight as one leaf."""
+  from jlora.quant._array import Quantized
+  return isinstance(x, Quantized)
 
 
 def rebuild_mapping(original: Mapping, items: dict) -> Mapping:

@@ -16,7 +16,7 @@ import numpy as np
 
 from jlora._errors import LoraError
 from jlora.methods.base import Method
-from jlora._tree import Path, keypath_to_path, path_str
+from jlora._tree import Path, is_quantized, keypath_to_path, path_str
 
 ADAPTERS = "jlora-adapters"
 STATE = "jlora-train-state"
@@ -80,8 +80,13 @@ def checkpointer():
 
 
 def fingerprint(base: Any) -> list[list]:
-  return [[json_path(keypath_to_path(kp)), list(x.shape), jnp.dtype(x.dtype).name]
-          for kp, x in jax.tree_util.tree_flatten_with_path(base)[0]]
+  """``[path, shape, dtype]`` per leaf; a quantized weight is one leaf whose
+  dtype names its format and layout too (e.g. ``nf4/64/-2 float32``)."""
+  def dtype(x):
+    name = jnp.dtype(x.dtype).name
+    return f"{x.format}/{x.block_size}/{x.axis} {name}" if is_quantized(x) else name
+  return [[json_path(keypath_to_path(kp)), list(x.shape), dtype(x)]
+          for kp, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
 
 
 def compare_leaves(saved: list[list], have: list[list], *, saved_name: str,

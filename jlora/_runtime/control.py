@@ -17,6 +17,7 @@ from jax.sharding import Sharding
 from jlora._adapted import Adapted, Term
 from jlora._runtime.interpret import evaluate
 from jlora._runtime.registry import dense, fallback, rule
+from jlora.quant import _lazy
 
 
 def _closed(jaxpr):
@@ -80,7 +81,7 @@ def cond(ctx, eqn, invals):
 def _pack(v: Adapted):
   """An adapted ``xs`` of a scan: the arrays with its leading axis, moved first."""
   lead = v.labels[0]
-  sliced, fixed = [v.w], []
+  sliced, fixed = [_lazy.scannable(v.w)], []
   for t in v.terms:
     for a, l in zip(t.arrays, t.labels):
       if lead in l:
@@ -124,7 +125,7 @@ def scan(ctx, eqn, invals):
     if isinstance(v, Adapted):
       x, info = _pack(v)
     else:
-      x, info = v, None
+      x, info = _lazy.scannable(v), None
     packed.append(x)
     rebuild.append(info)
   if ctx.rng is not None:  # each iteration (layer) draws its own dropout masks

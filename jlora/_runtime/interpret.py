@@ -18,6 +18,7 @@ from jlora._adapted import Adapted
 from jlora._runtime import fusion
 from jlora._runtime.context import Context
 from jlora._runtime.registry import RULES, bind, fallback
+from jlora.quant import _lazy
 
 
 def evaluate(ctx: Context, jaxpr: jcore.Jaxpr, consts: Sequence[Any],
@@ -30,7 +31,7 @@ def evaluate(ctx: Context, jaxpr: jcore.Jaxpr, consts: Sequence[Any],
 
   def run(eqn):
     invals = [read(v) for v in eqn.invars]
-    if any(isinstance(v, Adapted) for v in invals):
+    if any(isinstance(v, Adapted) for v in invals) or _lazy.wants_rule(eqn, invals):
       outs = RULES.get(eqn.primitive.name, fallback)(ctx, eqn, invals)
     else:
       outs = bind(eqn, invals)

@@ -13,7 +13,8 @@ from jlora import _adapted, _structure
 from jlora._runtime.context import Context
 from jlora._runtime.interpret import evaluate
 from jlora._runtime.registry import dense
-from jlora._tree import keypath_to_path
+from jlora._tree import is_quantized, keypath_to_path
+from jlora.quant import _lazy
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -85,8 +86,12 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Ca
   @functools.wraps(fn)
   def wrapped(params, *args, **kwargs):
     base, entries, _ = _structure.read(params, what="the tree passed to lora(fn)")
-    base_leaves_kp, base_def = jax.tree_util.tree_flatten_with_path(base)
+    base_leaves_kp, base_def = jax.tree_util.tree_flatten_with_path(
+        base, is_leaf=is_quantized)
     base_leaves = [v for _, v in base_leaves_kp]
+    # A quantized weight is traced as its logical float array, and enters
+    # the interpreter still quantized (dequantized at each use).
+    traced = [v.shape_dtype() if is_quantized(v) else v for v in base_leaves]
     paths = [keypath_to_path(kp) for kp, _ in base_leaves_kp]
     arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [_is_dynamic(a) for a in arg_leaves]
@@ -98,8 +103,8 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Ca
       a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
       return fn(jax.tree_util.tree_unflatten(base_def, base_leaves), *a, **kw)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(base_leaves, dyn_vals)
-    invals = [_adapted.enter(v, entries[p]) if p in entries else v
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn_vals)
+    invals = [_adapted.enter(v, entries[p]) if p in entries else _lazy.enter(v)
               for p, v in zip(paths, base_leaves)]
     ctx = Context(rng=rng, fuse=fuse)
     outs = dense(ctx, evaluate(ctx, closed.jaxpr, closed.consts, [*invals, *dyn_vals]),

@@ -19,6 +19,7 @@ from typing import Any
 
 from jlora._adapted import Adapted
 from jlora._runtime.context import Context
+from jlora.quant import _lazy
 
 Rule = Callable[[Context, Any, list], Any]
 RULES: dict[str, Rule] = {}
@@ -36,7 +37,13 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
 
 
 def bind(eqn, invals: Sequence[Any]):
-  """Runs ``eqn``'s primitive on plain values, as the jaxpr would."""
+  """Runs ``eqn``'s primitive on plain values, as the jaxpr would.
+
+  Quantized weights (`jlora.quant._lazy.Lazy`) are dequantized here, at
+  their point of use, or the shape-only operation on them is recorded.
+  """
+  if any(isinstance(v, _lazy.Lazy) for v in invals):
+    return _lazy.bind(eqn, invals, bind)
   params = eqn.primitive.get_bind_params(eqn.params)
   subfuns = ()
   if isinstance(params, tuple):  # older JAX: (subfuns, params)
@@ -52,7 +59,7 @@ def dense(ctx: Context, vals: Sequence[Any], what: str) -> list[Any]:
     if isinstance(v, Adapted):
       ctx.warn_fallback(what, v.path)
       v = v.materialize()
-    out.append(v)
+    out.append(_lazy.materialize(v))
   return out
 
 

@@ -13,7 +13,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora import _optim
+from jlora import _optim, _tree
 from jlora._errors import LoraError
 from jlora._train.state import TrainState
 
@@ -24,7 +24,8 @@ def _is_float(x) -> bool:
 
 def cast(tree: Any, dtype) -> Any:
   """``tree`` with its floating leaves cast to ``dtype``."""
-  return jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, tree)
+  return jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, tree,
+                      is_leaf=_tree.is_quantized)  # a quantized weight: its logical dtype
 
 
 def micro_batches(batch: Any, accumulate: int, mesh: Mesh | None) -> Any:

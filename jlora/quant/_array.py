@@ -113,6 +113,12 @@ class Quantized:
     """Bytes actually stored: codes, scales and any nested scales."""
     return sum(_child_nbytes(a) for a in self.arrays.values())
 
+  def astype(self, dtype: Any) -> "Quantized":
+    """The same stored arrays standing for another float dtype (no copy):
+    what a ``compute_dtype=`` cast of the whole tree does to a quantized
+    weight, which then dequantizes straight to ``dtype``."""
+    return dataclasses.replace(self, logical_dtype=np.dtype(dtype))
+
   def shape_dtype(self) -> jax.ShapeDtypeStruct:
     """A ``ShapeDtypeStruct`` of the logical shape and dtype."""
     return jax.ShapeDtypeStruct(self.shape, self.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -185,3 +186,55 @@ def dequantize(params: Any, dtype: Any = None) -> Any:
   """
   return jax.tree.map(lambda x: x.dequantize(dtype) if is_quantized(x) else x,
                       params, is_leaf=is_quantized)
+
+
+def requantize(merged: Any, like: Any, format: Any = True) -> Any:
+  """Quantizes again, in ``merged``, every weight that is quantized in ``like``.
+
+  Args:
+    merged: a float tree (e.g. `jlora.merge`'s result).
+    like: a tree of the same structure whose `Quantized` leaves say which
+      weights to quantize, and how.
+    format: ``True`` keeps each weight's format, block size, axis and double
+      quantization; a format name quantizes them all in that format (with
+      its defaults, on the same axis).
+
+  Returns:
+    ``merged`` with those weights quantized.
+
+  Raises:
+    LoraError: ``like`` holds no quantized weight, or the format cannot
+      hold a weight (see `quantize`).
+  """
+  found = {_tree.path_str(_tree.keypath_to_path(kp)): q for kp, q in _leaves(like)[0]
+           if is_quantized(q)}
+  if not found:
+    problems = Problems("jlora: cannot requantize")
+    problems.add("requantize= needs quantized weights, but the tree holds none; "
+                 "leave requantize unset, or jlora.quantize the merged tree")
+    problems.raise_if_any()
+
+  def same(q):
+    return format is True or format == q.format
+
+  def each(fn):
+    return {"^" + re.escape(p) + "$": fn(q) for p, q in found.items()}
+
+  def dq(q):
+    return "scale_mean" in q.arrays and same(q)
+
+  return quantize(
+      merged, each(lambda q: q.format) if format is True else format,
+      targets=lambda p, _: p in found,
+      block_size=each(lambda q: q.block_size if same(q) else None),
+      axis=each(lambda q: q.axis), double_quant=each(dq),
+      stack=each(lambda q: q.arrays["scale_mean"].ndim if dq(q) else 0))
+
+
+def like(q: Quantized, w: Any) -> Quantized:
+  """``w`` quantized exactly as ``q`` is: same format, block size, axis and
+  double quantization (e.g. a PiSSA residual put back in place of ``q``)."""
+  from jlora.quant._formats import FORMATS
+  dq = "scale_mean" in q.arrays
+  stack = q.arrays["scale_mean"].ndim if dq else 0
+  return _quantize_leaf(w, FORMATS[q.format], q.block_size, q.axis, stack, dq, q.dtype)

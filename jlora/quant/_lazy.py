@@ -1,0 +1,201 @@
+"""A quantized weight in flight in `jlora.lora`'s interpreter.
+
+`Lazy` is a `Quantized` leaf plus the shape-only operations the traced code
+applied to the weight since it entered (casts, transposes, reshapes, slices),
+still to be applied to the dequantized values. It is dequantized only at a
+point of use, any other primitive that reads it (``dot_general``,
+``conv_general_dilated``, ``gather``, ...), and that use runs under
+``jax.checkpoint`` together with the dequantization, so that a backward pass
+dequantizes again instead of keeping a full-precision copy as a residual.
+
+A ``gather`` of whole rows from a weight whose blocks run along the rows
+(an ``Embed`` lookup) gathers the quantized rows first and dequantizes only
+those.
+
+Control flow re-enters with the `Lazy` as it is: ``lax.scan`` slices its
+children along the leading axis like any pytree (see `jlora.quant.Quantized`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.quant._array import Quantized
+from jlora.quant._formats import scales
+
+# Single-operand primitives that only move values of the weight around: they
+# are recorded, and applied after dequantization at the point of use.
+SHAPE_OPS = frozenset({"convert_element_type", "transpose", "reshape", "squeeze",
+                       "broadcast_in_dim", "slice", "copy", "copy_p",
+                       "reduce_precision", "sharding_constraint"})
+# Primitives whose rule re-enters the interpreter with the Lazy value as it is.
+CONTROL = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint",
+                     "cond", "scan", "while"})
+
+
+class _Op:
+  """One recorded operation: ``fn``, the shape and dtype it produces, its kind."""
+
+  __slots__ = ("fn", "shape", "dtype", "kind")
+
+  def __init__(self, fn: Callable[[jax.Array], jax.Array], shape, dtype, kind: str):
+    self.fn, self.shape, self.dtype, self.kind = fn, tuple(shape), jnp.dtype(dtype), kind
+
+
+@jax.tree_util.register_pytree_node_class
+class Lazy:
+  """A `Quantized` weight and the operations applied to it, not yet dequantized."""
+
+  __slots__ = ("q", "ops")
+
+  def __init__(self, q: Quantized, ops: Sequence[_Op] = ()):
+    self.q = q
+    self.ops = tuple(ops)
+
+  def tree_flatten(self):
+    return (self.q,), self.ops
+
+  @classmethod
+  def tree_unflatten(cls, ops, children):
+    return cls(children[0], ops)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.ops[-1].shape if self.ops else self.q.shape
+
+  @property
+  def dtype(self):
+    return self.ops[-1].dtype if self.ops else self.q.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def then(self, fn, shape, dtype, kind) -> Lazy:
+    return Lazy(self.q, self.ops + (_Op(fn, shape, dtype, kind),))
+
+  def reshape(self, shape) -> Lazy:
+    shape = tuple(shape)
+    return self.then(lambda w: w.reshape(shape), shape, self.dtype, "reshape")
+
+  def materialize(self) -> jax.Array:
+    """The dequantized weight with every recorded operation applied."""
+    return apply_ops(self.q, self.ops)
+
+  def __repr__(self):
+    return f"Lazy({self.q!r}, ops={len(self.ops)})"
+
+
+CASTS = frozenset({"convert_element_type", "copy", "copy_p"})
+
+
+def apply_ops(q: Quantized, ops: Sequence[_Op]) -> jax.Array:
+  """Dequantizes (straight to the compute dtype when the first op is a cast,
+  as in a bf16 model's ``promote_dtype``), then applies the rest."""
+  ops = list(ops)
+  if ops and ops[0].kind == "convert_element_type" and jnp.issubdtype(ops[0].dtype, jnp.floating):
+    w = q.dequantize(ops.pop(0).dtype)
+  else:
+    w = q.dequantize()
+  for op in ops:
+    w = op.fn(w)
+  return w
+
+
+def stop_gradient(v: Any) -> Any:
+  return jax.tree.map(lax.stop_gradient, v) if isinstance(v, Lazy) else lax.stop_gradient(v)
+
+
+def materialize(v: Any) -> Any:
+  """``v`` itself, or the dequantized weight when it is a `Lazy`."""
+  return v.materialize() if isinstance(v, Lazy) else v
+
+
+def wants_rule(eqn, invals: Sequence[Any]) -> bool:
+  """Whether a control-flow rule should see the `Lazy` values of ``invals``."""
+  return eqn.primitive.name in CONTROL and any(isinstance(v, Lazy) for v in invals)
+
+
+def bind(eqn, invals: Sequence[Any], plain_bind: Callable) -> Any:
+  """``eqn`` on values of which some are `Lazy`.
+
+  A shape-only operation on the weight is recorded; anything else is a use,
+  run with the dequantization under ``jax.checkpoint``.
+  """
+  name = eqn.primitive.name
+  if name in SHAPE_OPS and len(invals) == 1 and not eqn.primitive.multiple_results:
+    aval = eqn.outvars[0].aval
+    return invals[0].then(lambda w: plain_bind(eqn, [w]), aval.shape, aval.dtype, name)
+  if name == "gather" and isinstance(invals[0], Lazy) and not isinstance(invals[1], Lazy):
+    rows = _gather_rows(eqn, invals[0], invals[1])
+    if rows is not None:
+      return rows
+  lazy_at = [i for i, v in enumerate(invals) if isinstance(v, Lazy)]
+
+  def use(*lazies):
+    vals = list(invals)
+    for i, v in zip(lazy_at, lazies):
+      vals[i] = v.materialize()
+    return plain_bind(eqn, vals)
+
+  return jax.checkpoint(use)(*[invals[i] for i in lazy_at])
+
+
+def _gather_rows(eqn, v: Lazy, indices) -> jax.Array | None:
+  """An ``Embed`` lookup (whole rows of a 2-D table) from the quantized rows.
+
+  Only when the blocks run along the rows (``axis=-1``) and the recorded
+  operations are casts: each child is gathered with the same indices, and
+  only the gathered rows are dequantized.
+  """
+  q = v.q
+  dn = eqn.params["dimension_numbers"]
+  if (q.ndim != 2 or q.axis != -1 or any(op.kind not in CASTS for op in v.ops)
+      or tuple(eqn.params["slice_sizes"]) != (1, q.shape[1])
+      or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+      or getattr(dn, "operand_batching_dims", ()) or indices.shape[-1:] != (1,)):
+    return None
+  batch = indices.ndim - 1
+  if tuple(dn.offset_dims) != (batch,):
+    return None
+
+  def take(child):
+    tail = child.shape[1:]
+    child_dn = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(batch, batch + len(tail))), collapsed_slice_dims=(0,),
+        start_index_map=(0,))
+    return lax.gather(child, indices, child_dn, (1, *tail),
+                      mode=eqn.params["mode"], indices_are_sorted=eqn.params["indices_are_sorted"],
+                      unique_indices=eqn.params["unique_indices"])
+
+  def rows(q):
+    arrays = dict(q.arrays)
+    if "scale_mean" in arrays:  # double quant: the (small) scales first, then rows
+      arrays = {"codes": arrays["codes"], "scale": scales(arrays, q.spec.main)}
+    picked = Quantized({k: take(a) for k, a in arrays.items()}, q.format,
+                       q.logical_dtype, q.block_size, q.axis)
+    w = picked.dequantize()
+    for op in v.ops:  # casts only (checked above): elementwise, any shape
+      w = op.fn(w) if op.kind != "convert_element_type" else w.astype(op.dtype)
+    return w
+
+  return jax.checkpoint(rows)(q)
+
+
+def enter(v: Any) -> Any:
+  """The interpreter's value for a tree leaf: a `Lazy` for a `Quantized` one."""
+  return Lazy(v) if isinstance(v, Quantized) else v
+
+
+def scannable(v: Any) -> Any:
+  """``v`` ready to be ``lax.scan``'s ``xs``: a `Lazy` with no pending
+  operations slices per layer as it is; one with operations (recorded on the
+  whole stack) is dequantized first."""
+  if isinstance(v, Lazy) and v.ops:
+    return v.materialize()
+  return v
