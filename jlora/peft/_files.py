@@ -101,10 +101,30 @@ def write(directory: str | os.PathLike, config: dict, tensors: dict[str, np.ndar
     raise
 
 
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``);
+  False where the system cannot."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _swap(new: str, target: str) -> None:
-  """Puts ``new`` at ``target``; the old ``target`` is removed only after."""
+  """Puts ``new`` at ``target``; the old ``target`` is removed only after.
+
+  Where the system can exchange two directories atomically, a process killed
+  at any point leaves either the old adapter or the new one at ``target``.
+  """
   if not os.path.lexists(target):
     os.rename(new, target)
+    return
+  if _exchange(new, target):
+    shutil.rmtree(new, ignore_errors=True)  # now the old adapter
     return
   old = tempfile.mkdtemp(dir=os.path.dirname(target),
                          prefix=f".{os.path.basename(target)}.old-")
