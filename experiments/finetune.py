@@ -405,7 +405,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     print(utils.SMOKE_TEST, flush=True)
   result = (run_fortunes if cfg["task"] == "fortunes" else run_mobydick)(cfg, out)
   result = {"config": cfg, "smoke_test": utils.SMOKE_TEST if cfg["quick"] else False,
-            **result, "wall_s": time.perf_counter() - t0}
+            **result, "wall_s": time.perf_counter() - t0, "provenance": utils.provenance()}
   utils.write_json(os.path.join(out, "results.json"), result)
   report(cfg, result, out)
   print(f"wall {result['wall_s']:.0f} s; process max RSS {utils.mib(utils.max_rss_bytes())}")

@@ -170,6 +170,7 @@ def test_finetune_quick(quick_run):
   assert "SMOKE TEST" in out.split("| method")[0] and "| method (SMOKE TEST" in out
   res = _results(run)
   assert res["smoke_test"] and "mean nothing" in res["smoke_test"]
+  assert {"date", "load_average_1_5_15", "versions"} <= set(res["provenance"])
   assert res["merge_check"]["unexplained_disagreements"] == 0
   assert res["merge_check"]["max_abs_logit_diff"] < 1e-3
   with open(os.path.join(run, "config.json")) as f:
