@@ -4,6 +4,7 @@ entry point (`jlora.lorify`, `jlora.dora`, `jlora.ia3`, a custom method's)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,22 +27,84 @@ def _check_key(key: Any, problems: Problems) -> None:
 
 
 def _candidates(params: Any, problems: Problems) -> list[tuple[Path, Any]]:
-  """Every array leaf that is not itself an adapter; non-arrays are problems."""
+  """Every array leaf that is not itself an adapter. A non-array leaf in a
+  mapping is a problem; one in another node (an ``equinox.Module``'s
+  activation function, a NamedTuple's flag) is skipped."""
   out = []
   leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_tree.is_quantized)
-  adapter_leaves = set()
+  adapter_leaves, in_mapping = set(), set()
   for path, mapping in _tree.iter_mappings(params):
     adapter_leaves.update(path + (k,) for k in _structure.adapter_keys(mapping))
+    in_mapping.update(path + (k,) for k in mapping)
   for kp, leaf in leaves:
     path = _tree.keypath_to_path(kp)
     if path in adapter_leaves:
       continue
     if not _tree.is_array(leaf):
-      problems.add(f"{path_str(path)}: leaf of type {type(leaf).__name__} is not an "
-                   "array; lorify needs a tree of arrays, e.g. from model.init")
+      if path in in_mapping:
+        problems.add(f"{path_str(path)}: leaf of type {type(leaf).__name__} is not an "
+                     "array; lorify needs a tree of arrays, e.g. from model.init")
       continue
     out.append((path, leaf))
   return out
+
+
+def check_params(params: Any, problems: Problems) -> bool:
+  """Adds a problem unless ``params`` is a tree (not None, not one array)."""
+  if params is None or _tree.is_array(params):
+    got = "None" if params is None else f"one array of shape {tuple(params.shape)}"
+    problems.add(f"params: got {got}, expected a tree of arrays such as "
+                 "{'dense': {'kernel': W}} (e.g. model.init(key, x)); pass the tree, "
+                 "or wrap a lone weight: {'layer': {'kernel': W}}")
+    return False
+  return True
+
+
+def check_dtype(dtype: Any, problems: Problems) -> None:
+  """``dtype`` is None or a floating dtype (the adapters are trained)."""
+  if dtype is None:
+    return
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    problems.add(f"dtype: got {dtype!r}, expected None (each weight's dtype) or a "
+                 "floating dtype such as jnp.float32 or jnp.bfloat16")
+
+
+def check_patterns(value: Any, name: str, problems: Problems) -> None:
+  """The keys of a ``{regex: value}`` option compile (and are strings)."""
+  if not isinstance(value, Mapping):
+    return
+  if not value:
+    problems.add(f"{name}: got an empty mapping, expected a value or {{regex: value}} "
+                 "with a pattern for every adapted path (e.g. a '.*' default)")
+  for pattern in value:
+    if not isinstance(pattern, str):
+      problems.add(f"{name}[{pattern!r}]: a pattern must be a str regex, got "
+                   f"{type(pattern).__name__}")
+      continue
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      problems.add(f"{name}[{pattern!r}]: not a valid regex ({e}); escape it with "
+                   "re.escape, or fix the pattern")
+
+
+def _reserved(mapping: Mapping, path: Path, method: Method, problems: Problems) -> bool:
+  """Adds a problem when keys ``method`` would write are the user's own."""
+  record = mapping.get(method.spec_key)
+  if isinstance(record, Method):
+    return False  # jlora's own: "already has adapters" below
+  taken = [k for k in (method.spec_key,) + method.leaf_keys if k in mapping]
+  if taken:
+    where = path_str(path)
+    problems.add(f"{where}: {type(method).__name__} would store its adapters under "
+                 f"{list((method.spec_key,) + method.leaf_keys)}, but the tree already "
+                 f"uses {taken} there; rename those leaves, or adapt another weight")
+    return True
+  return False
 
 
 def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
@@ -74,6 +137,12 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
   problems = Problems(f"jlora: cannot add {what}") if problems is None else problems
   callers = bool(problems)
   _check_key(key, problems)
+  check_dtype(dtype, problems)
+  if not callable(make):
+    problems.add(f"make: got {make!r}, expected a function (path, weight) -> Method")
+    callers = True
+  if not check_params(params, problems):
+    problems.raise_if_any()
   candidates = _candidates(params, problems)
   chosen = _targets.select(candidates, targets, what="weight to adapt",
                            problems=problems)
@@ -87,12 +156,16 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
     for p in picked:
       full.setdefault(p[:-1], ())
       full[p[:-1]] += (p[-1],)
+  mappings = dict(_tree.iter_mappings(params))
   methods: dict[Path, Method] = {}
   for path, leaf in chosen:
     where = path_str(path)
-    if not isinstance(path[-1], str):
-      problems.add(f"{where}: adapters are stored beside their weight in a mapping; "
-                   "this leaf is not held in a dict")
+    holder = mappings.get(path[:-1])
+    in_mapping = holder is not None and path[-1] in holder
+    if in_mapping and not isinstance(path[-1], str):
+      problems.add(f"{where}: key {path[-1]!r} of type {type(path[-1]).__name__}; "
+                   "adapter keys are built from the weight's key, so it must be a str: "
+                   "rename the key")
       continue
     if path[:-1] in full and path[-1] in full[path[:-1]]:
       problems.add(f"{where}: selected both for adapters and for full training; "
@@ -109,9 +182,15 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
     if callers:  # the options are bad; `make` would only repeat them
       continue
     try:
-      method = make(path, leaf)
+      method = make(path if in_mapping else path[:-1] + (str(path[-1]),), leaf)
     except (ValueError, KeyError) as e:
       problems.add(str(e.args[0]) if e.args else str(e))
+      continue
+    if not isinstance(method, Method):
+      problems.add(f"{where}: make returned {type(method).__name__}, expected a "
+                   "jlora.Method (such as jlora.LoRA)")
+      continue
+    if _reserved(holder if in_mapping else {}, path[:-1], method, problems):
       continue
     if (path, method.spec_key) in existing:
       problems.add(f"{where}: already has {existing[(path, method.spec_key)].describe()} "
@@ -120,6 +199,12 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
       continue
     order = sum(1 for (p, _) in existing if p == path)
     methods[path] = dataclasses.replace(method, order=order)
+  for mpath in full:
+    marker = mappings.get(mpath, {}).get(_structure.TRAINABLE_KEY)
+    if marker is not None and not isinstance(marker, _structure.FullyTrainable):
+      problems.add(f"{path_str(mpath + (_structure.TRAINABLE_KEY,))}: jlora marks leaves "
+                   f"trained in full under the key {_structure.TRAINABLE_KEY!r}, but the "
+                   "tree already uses it; rename that leaf")
   problems.raise_if_any()
 
   keys = dict(zip(sorted(methods, key=path_str),
@@ -148,7 +233,18 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
       items[_structure.TRAINABLE_KEY] = _structure.FullyTrainable(keys_)
     return _tree.rebuild_mapping(mapping, items)
 
-  return _tree.map_mappings(params, add)
+  def hold(kp, leaf):
+    """A weight outside any mapping: a `Holder` of it and its adapters."""
+    path = _tree.keypath_to_path(kp)
+    method = methods.get(path)
+    if method is None or (path[:-1] in mappings and path[-1] in mappings[path[:-1]]):
+      return leaf
+    arrays, new_weight = method.create(keys[path], leaf, dtype=dtype or leaf.dtype)
+    return _tree.Holder({method.weight: new_weight, method.spec_key: method,
+                         **dict(zip(method.leaf_keys, arrays))})
+
+  held = jax.tree_util.tree_map_with_path(hold, params, is_leaf=_tree.is_quantized)
+  return _tree.map_mappings(held, add)
 
 
 def _trainable_leaves(candidates, trainable: Targets, problems: Problems) -> list[Path]:
@@ -156,6 +252,11 @@ def _trainable_leaves(candidates, trainable: Targets, problems: Problems) -> lis
     trainable = (trainable,)
   if isinstance(trainable, (list, tuple)):
     names = list(trainable)
+    if not names or not all(isinstance(n, str) for n in names):
+      problems.add(f"trainable: got {trainable!r}, expected None (nothing trained in "
+                   "full), a non-empty sequence of module names such as ('classifier',), "
+                   "a compiled regex or a predicate (path, leaf) -> bool")
+      return []
     picked = [p for p, _ in candidates if len(p) >= 2 and p[-2] in names]
     found = {p[-2] for p in picked}
     missing = [n for n in names if n not in found]

@@ -27,7 +27,9 @@ class Problems:
     self.items: list[str] = []
 
   def add(self, message: str) -> None:
-    self.items.append(message)
+    """Adds one problem; the same message twice is listed once."""
+    if message not in self.items:
+      self.items.append(message)
 
   def __bool__(self) -> bool:
     return bool(self.items)

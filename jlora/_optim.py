@@ -43,8 +43,17 @@ def partition(params: Any) -> tuple[Any, Any]:
     >>> adapters, frozen = jlora.partition(jlora.lorify(params, 2, key=jax.random.key(0)))
     >>> sorted(k for k, v in adapters["dense"].items() if v is not None and k != "lora")
     ['lora_a', 'lora_b']
+
+  Raises:
+    LoraError: ``params`` has nothing to train (no adapters, no leaves
+      trained in full): the adapters half would be empty.
   """
   mask = trainable_mask(params)
+  if not any(jax.tree.leaves(mask)):
+    raise LoraError(["params holds no adapters and no leaves trained in full, so the "
+                     "adapters half would be empty and training would update nothing; "
+                     "add adapters with jlora.lorify first"],
+                    header="jlora: nothing to partition")
   adapters = jax.tree.map(lambda m, x: x if m else None, mask, params)
   frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
   return adapters, frozen

@@ -40,11 +40,17 @@ class Adapter:
 
 @dataclasses.dataclass
 class Entry:
-  """An adapted weight and the methods on it, in application order."""
+  """An adapted weight and the methods on it, in application order.
+
+  ``path`` is the weight's path in the base tree; ``mapping`` the path of the
+  mapping that holds its adapters: the weight's parent, or the weight's own
+  path when it sits in a `jlora._tree.Holder` (a non-mapping holder).
+  """
 
   path: Path
   weight: Any
   adapters: list[Adapter]
+  mapping: Path = ()
 
 
 def specs_in(mapping: Mapping) -> list[tuple[str, Method]]:
@@ -81,7 +87,12 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
   def strip(path: Path, mapping: Mapping) -> Mapping:
     specs = specs_in(mapping)
     marker = mapping.get(TRAINABLE_KEY)
+    holder = isinstance(mapping, _tree.Holder)
     if not specs and not isinstance(marker, FullyTrainable):
+      orphans(path, mapping, problems)
+      if holder:
+        problems.add(f"{path_str(path)}: holds {sorted(mapping)} without an adapter "
+                     "record; re-create the adapters with lorify")
       return mapping
     if isinstance(marker, FullyTrainable):
       trained.update(path + (k,) for k in marker.keys if k in mapping)
@@ -111,16 +122,48 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
         arrays.append(arr)
       if not ok:
         continue
-      entry = entries.setdefault(path + (method.weight,),
-                                 Entry(path + (method.weight,), weight, []))
+      wpath = path if holder else path + (method.weight,)
+      entry = entries.setdefault(wpath, Entry(wpath, weight, [], path))
       entry.adapters.append(Adapter(method, tuple(arrays),
                                     tuple(path + (k,) for k in method.leaf_keys)))
     drop = adapter_keys(mapping)
-    return _tree.rebuild_mapping(mapping, {k: v for k, v in mapping.items() if k not in drop})
+    orphans(path, {k: v for k, v in mapping.items() if k not in drop}, problems)
+    kept = {k: v for k, v in mapping.items() if k not in drop}
+    if holder:  # the bare weight, where it was before lorify
+      if len(kept) != 1:
+        problems.add(f"{path_str(path)}: a weight's adapter holder holds {sorted(kept)} "
+                     "besides its adapters, expected the weight alone; re-create the "
+                     "adapters with lorify")
+        return mapping
+      return next(iter(kept.values()))
+    return _tree.rebuild_mapping(mapping, kept)
 
   base = _tree.map_mappings(params, strip)
   problems.raise_if_any()
   return base, entries, trained
+
+
+def orphans(path: Path, mapping: Mapping, problems: Problems) -> None:
+  """Adds a problem for adapter arrays whose method record is gone (e.g. the
+  ``lora`` record replaced by a string): they would be silently ignored."""
+  from jlora._checkpoint.files import method_types
+  for cls in method_types().values():
+    for k in mapping:
+      if not isinstance(k, str):
+        continue
+      stem = next((k[:-len(f"_{leaf}")] for leaf in cls.leaves
+                   if k.endswith(f"_{leaf}")), None)
+      if stem is None or not (stem == cls.prefix or stem.endswith(f"_{cls.prefix}")
+                              or f"{cls.prefix}@" in stem):
+        continue
+      record = mapping.get(stem)
+      if not isinstance(record, Method):
+        found = "missing" if stem not in mapping else \
+            f"a {type(record).__name__} ({record!r:.40})"
+        problems.add(f"{path_str(path + (stem,))}: the {cls.__name__} record of the "
+                     f"adapter array {k!r} is {found}, expected a jlora.{cls.__name__}; "
+                     "restore the record from lorify, or remove the adapter arrays")
+        return
 
 
 def trainable_paths(params: Any) -> set[Path]:

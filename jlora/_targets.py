@@ -99,7 +99,12 @@ def per_path(value: Any, path: str, *, name: str) -> Any:
   """
   if isinstance(value, Mapping):
     for pattern, v in value.items():
-      if re.search(pattern, path):
+      try:
+        hit = re.search(pattern, path)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"{name}[{pattern!r}]: not a valid regex ({e}); escape it with "
+                         "re.escape, or fix the pattern") from None
+      if hit:
         return v
     raise KeyError(f"{path}: no pattern in `{name}` matches this path "
                    f"(patterns: {list(value)}); add one, or a '.*' default")
@@ -118,16 +123,26 @@ def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
   ``candidates`` are ``(path, array)`` for every array leaf. Names and the
   default pick ``kernel``/``embedding`` leaves of rank ≥ 2; a regex picks
   leaves of rank ≥ 2 whose ``/``-joined path it matches; a predicate
-  ``(path, leaf) -> bool`` picks exactly what it returns True for.
+  ``(path, leaf) -> bool`` picks exactly what it returns True for. Anything
+  else (a number, an empty sequence, names that are not strings) is a
+  problem: an empty selection is never silent.
   """
   def standard(p, leaf):
-    return eligible_default(p[-1], leaf)
+    return bool(p) and eligible_default(p[-1], leaf)
+
+  def why_not() -> str:
+    """Why the ``kernel``/``embedding`` leaves that exist were not eligible."""
+    skipped = [f"{path_str(p)} ({f'dtype {l.dtype}' if l.ndim >= 2 else f'rank {l.ndim}'})"
+               for p, l in candidates if p and p[-1] in STANDARD_WEIGHTS and not standard(p, l)]
+    if not skipped:
+      return ""
+    return f"; not eligible (adapters need a floating weight of rank ≥ 2): {skipped[:8]}"
 
   if targets is None:
     chosen = [(p, l) for p, l in candidates if standard(p, l)]
     if not chosen:
-      problems.add(f"no {what} found: the tree has no 'kernel' or 'embedding' "
-                   "leaf of rank ≥ 2; pass `targets=` (a regex or a predicate)")
+      problems.add(f"no {what} found: the tree has no floating 'kernel' or 'embedding' "
+                   f"leaf of rank ≥ 2{why_not()}; pass `targets=` (a regex or a predicate)")
     return chosen
   if isinstance(targets, re.Pattern):
     chosen = [(p, l) for p, l in candidates
@@ -138,14 +153,33 @@ def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
                    f"available paths: {paths}")
     return chosen
   if callable(targets):
-    chosen = [(p, l) for p, l in candidates if targets(path_str(p), l)]
+    chosen = []
+    for p, l in candidates:
+      try:
+        picked = targets(path_str(p), l)
+      except Exception as e:  # the user's predicate: say where it failed
+        problems.add(f"{path_str(p)}: the targets predicate raised {type(e).__name__}: "
+                     f"{e}; it is called as predicate(path: str, leaf)")
+        return []
+      if picked:
+        chosen.append((p, l))
     if not chosen:
       problems.add("targets predicate selected no leaf; available paths: "
                    f"{[path_str(p) for p, _ in candidates]}")
     return chosen
   if isinstance(targets, str):
     targets = (targets,)
+  if not isinstance(targets, (list, tuple, set, frozenset)) or not all(
+      isinstance(n, str) for n in targets):
+    problems.add(f"targets: got {targets!r}, expected None (every kernel and embedding), "
+                 "a sequence of module names such as ('query', 'value'), a compiled "
+                 "regex (re.compile) or a predicate (path, leaf) -> bool")
+    return []
   names = list(targets)
+  if not names:
+    problems.add(f"targets: got an empty {type(targets).__name__}, which selects no "
+                 f"{what}; pass None for every kernel and embedding, or name modules")
+    return []
   chosen = [(p, l) for p, l in candidates
             if standard(p, l) and len(p) >= 2 and p[-2] in names]
   found = {p[-2] for p, _ in chosen}
@@ -153,5 +187,5 @@ def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
   if missing:
     available = sorted({str(p[-2]) for p, l in candidates if standard(p, l) and len(p) >= 2})
     problems.add(f"targets {missing} matched no module holding a kernel or "
-                 f"embedding; available module names: {available}")
+                 f"embedding{why_not()}; available module names: {available}")
   return chosen

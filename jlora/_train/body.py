@@ -60,7 +60,10 @@ def make_body(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
         full, b = cast(full, compute_dtype), cast(batch, compute_dtype)
       out = loss_fn(full, b) if key is None else loss_fn(full, b, key)
       if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise LoraError([f"loss_fn returned {type(out).__name__}"], header=(
+        got = (f"an array of shape {tuple(jnp.shape(out))}" if hasattr(out, "shape")
+               else f"a {type(out).__name__}" + (f" of length {len(out)}"
+                                                if isinstance(out, (tuple, list)) else ""))
+        raise LoraError([f"loss_fn returned {got}"], header=(
             "jlora: with has_aux=True, loss_fn must return (loss, aux); return that "
             "pair, or build the step with has_aux=False"))
       loss, aux = out if has_aux else (out, None)

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from jlora._errors import LoraError, Problems
 
 
 class TrainState(NamedTuple):
@@ -48,8 +52,9 @@ class TrainStep:
   """
 
   def __init__(self, *, step, init, shard_batch, to_params, mesh, state_sharding,
-               frozen_sharding, batch_sharding):
-    self.step = step
+               frozen_sharding, batch_sharding, loss_fn=None):
+    self.step = CheckedStep(step, mesh)
+    self._loss_fn = loss_fn
     self._init = init
     self._shard_batch = shard_batch
     self._to_params = to_params
@@ -71,7 +76,29 @@ class TrainStep:
 
     Returns:
       ``(state, frozen)``.
+
+    Raises:
+      LoraError: ``key`` is not a PRNG key, or it does not fit ``loss_fn``
+        (a key for a two-argument loss, none for a three-argument one).
     """
+    problems = Problems("jlora: cannot start the training state")
+    if key is not None and not (isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,)))):
+      problems.add(f"key: got {key!r}, expected None or a PRNG key such as "
+                   "jax.random.key(0)")
+    takes = _positional_count(self._loss_fn)
+    if takes is not None:
+      lo, hi = takes
+      n = 3 if key is not None else 2
+      if not lo <= n <= hi:
+        problems.add(
+            "key: given, but loss_fn takes (params, batch); the step would call "
+            "loss_fn(params, batch, key): add a key parameter to loss_fn, or call "
+            "init without key" if key is not None else
+            f"key: missing, but loss_fn needs {lo} arguments; the step calls "
+            "loss_fn(params, batch, key) only when init gets key=jax.random.key(...)")
+    problems.raise_if_any()
     return self._init(params, key)
 
   def shard_batch(self, batch: Any) -> Any:
@@ -91,3 +118,66 @@ class TrainStep:
     For the ``pmap`` form, the first device's copy.
     """
     return self._to_params(state, frozen)
+
+
+def _positional_count(fn) -> tuple[int, float] | None:
+  """``(required, most)`` positional arguments of ``fn``, or None if unknown."""
+  if fn is None:
+    return None
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  lo, hi = 0, 0
+  for p in sig.parameters.values():
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+      hi += 1
+      lo += p.default is p.empty
+    elif p.kind is p.VAR_POSITIONAL:
+      hi = float("inf")
+  return lo, hi
+
+
+class CheckedStep:
+  """The compiled step, behind a check of its arguments: a state and a frozen
+  half swapped, or a params tree for the state, are named before JAX sees
+  them. Everything else (``lower``, ``trace``, ...) is the compiled step's."""
+
+  def __init__(self, step, mesh):
+    self._step = step
+    self._mesh = mesh
+
+  def __getattr__(self, name):
+    return getattr(self._step, name)
+
+  def _check(self, state, frozen) -> None:
+    problems = Problems("jlora: bad arguments to trainer.step(state, frozen, batch)")
+    if not isinstance(state, TrainState):
+      swapped = isinstance(frozen, TrainState)
+      problems.add(f"state: got {type(state).__name__}, expected the jlora.TrainState "
+                   "from trainer.init or the previous step" +
+                   ("; state and frozen are swapped: call trainer.step(state, frozen, "
+                    "batch)" if swapped else ""))
+    elif isinstance(frozen, TrainState):
+      problems.add("frozen: got a TrainState, expected the frozen half from "
+                   "trainer.init(params)")
+    problems.raise_if_any()
+
+  def __call__(self, state, frozen, batch):
+    self._check(state, frozen)
+    try:
+      return self._step(state, frozen, batch)
+    except ValueError as e:
+      text = str(e)
+      if self._mesh is None or not any(w in text.lower() for w in ("sharding", "mesh",
+                                                                   "device")):
+        raise
+      raise LoraError([f"{type(e).__name__}: {text.splitlines()[0][:300]}"], header=(
+          "jlora: the arrays passed to trainer.step are placed for another mesh "
+          f"(this trainer's: {dict(self._mesh.shape)}); use the state and frozen "
+          "from this trainer's init, restore a saved state onto "
+          "trainer.init(params)[0], and place batches with trainer.shard_batch")) from e
+
+  def lower(self, state, frozen, batch, *args, **kwargs):
+    self._check(state, frozen)
+    return self._step.lower(state, frozen, batch, *args, **kwargs)

@@ -142,7 +142,11 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
     problems.add(f"mesh must be a jax.sharding.Mesh (jax.make_mesh), got {mesh!r}")
   if mesh is not None and pmap:
     problems.add("pass either mesh= (jit over a mesh) or pmap=True, not both")
-  if fsdp and mesh is None:
+  for flag, value in (("fsdp", fsdp), ("pmap", pmap), ("has_aux", has_aux),
+                      ("donate", donate)):
+    if not isinstance(value, bool):
+      problems.add(f"{flag}: got {value!r}, expected True or False")
+  if fsdp is True and mesh is None:
     problems.add("fsdp=True needs mesh=: the frozen weights are split over its devices")
   problems.raise_if_any()
   try:
@@ -161,8 +165,11 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
                    has_aux=has_aux, axis_name=PMAP_AXIS if pmap else None, mesh=mesh)
   donate_argnums = (0,) if donate else ()
   if pmap:
-    return pmap_form(body, tx, structure, donate=donate_argnums)
-  if mesh is not None:
-    return mesh_form(body, tx, structure, params, mesh=mesh, fsdp=fsdp,
-                     donate=donate_argnums)
-  return jit_form(body, tx, structure, donate=donate_argnums)
+    trainer = pmap_form(body, tx, structure, donate=donate_argnums)
+  elif mesh is not None:
+    trainer = mesh_form(body, tx, structure, params, mesh=mesh, fsdp=fsdp,
+                        donate=donate_argnums)
+  else:
+    trainer = jit_form(body, tx, structure, donate=donate_argnums)
+  trainer._loss_fn = loss_fn  # `init` checks a key against its signature
+  return trainer

@@ -378,6 +378,8 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
   _add.check_flag(rslora, "rslora", pre)
   _add.check_name(name, pre)
   check_low_rank(rank, alpha, pre)
+  for option, value in (("rank", rank), ("alpha", alpha), ("axes", axes)):
+    _add.check_patterns(value, option, pre)
 
   def make(path: Path, leaf) -> LoRA:
     where = path_str(path)
