@@ -98,11 +98,17 @@ def rope_tables(positions, head_dim: int, theta: float):
 
 
 def apply_rope(x, cos, sin):
-  """Rotates (batch, seq, heads, head_dim) ``x`` with HF's rotate_half convention."""
+  """Rotates (batch, seq, heads, head_dim) ``x`` with HF's rotate_half convention.
+
+  ``cos``/``sin`` are (seq, head_dim), shared by the batch, or (batch, seq,
+  head_dim): each sequence at its own positions (KV-cached decoding).
+  """
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   xf = x.astype(jnp.float32)
-  out = xf * cos[None, :, None, :] + rotated.astype(jnp.float32) * sin[None, :, None, :]
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  out = xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
   return out.astype(x.dtype)
 
 
@@ -135,7 +141,14 @@ class LlamaAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """Attention of ``x`` (batch, seq, d); with a ``cache``, also returns it updated.
+
+    ``cache`` is ``(k, v, start)``: this layer's keys and values, each
+    (batch, cache_len, kv_heads, head_dim), and ``start`` (batch,), where each
+    sequence's new keys and values are written. The queries then attend to
+    the whole cache under ``mask`` (batch, 1, seq, cache_len).
+    """
     c = self.config
     b, t, _ = x.shape
     dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
@@ -145,6 +158,12 @@ class LlamaAttention(nn.Module):
     q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
     k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    if cache is not None:
+      k_cache, v_cache, start = cache
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
+      k = write(k_cache, k.astype(k_cache.dtype), start)
+      v = write(v_cache, v.astype(v_cache.dtype), start)
+      cache = (k, v)
     rep = c.num_attention_heads // c.num_key_value_heads
     # Query head h uses KV head h // rep (HF repeat_kv order).
     k = jnp.repeat(k, rep, axis=2)
@@ -154,7 +173,8 @@ class LlamaAttention(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
-    return dense(c.hidden_size, name="o_proj")(ctx)
+    out = dense(c.hidden_size, name="o_proj")(ctx)
+    return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nn.Module):
@@ -179,15 +199,20 @@ class LlamaDecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """``x`` through the layer; with a ``cache`` (see `LlamaAttention`), ``(x, cache)``."""
     c = self.config
     norm = functools.partial(RMSNorm, epsilon=c.rms_norm_eps, dtype=self.dtype)
-    x = x + LlamaAttention(c, dtype=self.dtype, name="self_attn")(
-        norm(name="input_layernorm")(x), cos, sin, mask
+    attn = LlamaAttention(c, dtype=self.dtype, name="self_attn")(
+        norm(name="input_layernorm")(x), cos, sin, mask, cache
     )
-    return x + LlamaMLP(c, dtype=self.dtype, name="mlp")(
+    if cache is not None:
+      attn, cache = attn
+    x = x + attn
+    x = x + LlamaMLP(c, dtype=self.dtype, name="mlp")(
         norm(name="post_attention_layernorm")(x)
     )
+    return x if cache is None else (x, cache)
 
 
 class LlamaModel(nn.Module):
@@ -215,6 +240,25 @@ class LlamaModel(nn.Module):
       x = layer(x, cos, sin, mask)
     return self.norm(x)
 
+  def decode(self, input_ids, positions, cache):
+    """Hidden states of new tokens against a KV cache (see `experiments.models.decode`).
+
+    Args: input_ids (batch, seq) new tokens; positions (batch, seq) their
+    absolute positions, consecutive per sequence; cache a tuple of one
+    ``(k, v)`` per layer, each (batch, cache_len, kv_heads, head_dim).
+    Returns ``(hidden, cache)`` with the new keys and values written.
+    """
+    c = self.config
+    cos, sin = jax.vmap(lambda p: rope_tables(p, c.head_dim, c.rope_theta))(positions)
+    cache_len = cache[0][0].shape[1]
+    mask = (jnp.arange(cache_len)[None, None, None, :] <= positions[:, None, :, None])
+    x = self.embed_tokens(input_ids)
+    out = []
+    for layer, (k, v) in zip(self.layers, cache):
+      x, kv = layer(x, cos, sin, mask, (k, v, positions[:, 0]))
+      out.append(kv)
+    return self.norm(x), tuple(out)
+
   def attend(self, h):
     """Tied LM head: ``h @ embed_tokens.T``."""
     return self.embed_tokens.attend(h)
@@ -239,6 +283,14 @@ class LlamaForCausalLM(nn.Module):
     """Returns float32 logits (batch, seq, vocab) for int ids (batch, seq)."""
     h = self.model(input_ids, positions)
     return self.model.attend(h).astype(jnp.float32)
+
+  def decode(self, input_ids, positions, cache):
+    """``(logits, cache)``: float32 logits of new tokens against a KV cache.
+
+    See `LlamaModel.decode`; used with ``model.apply(..., method="decode")``.
+    """
+    h, cache = self.model.decode(input_ids, positions, cache)
+    return self.model.attend(h).astype(jnp.float32), cache
 
 
 # --------------------------------------------------------------------------- GGUF loading
