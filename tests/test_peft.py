@@ -638,3 +638,49 @@ for i in range(100000):
   child.stdout.close()
   back = jlora.import_peft(base, d, module_path={"m": "layer.m"})  # some complete adapter
   assert back["m"]["lora"] == p["m"]["lora"]
+
+
+def test_gemma_library_tree_round_trips_and_refuses_other_axes():
+  from jlora.peft import maps
+  keys = iter(jax.random.split(jax.random.key(0), 8))
+  w = lambda *shape: jax.random.normal(next(keys), shape) / 3  # noqa: E731
+  base = {"params": {"embedder": {"input_embedding": w(10, 8)},
+                     "layer_0": {"attn": {"q_einsum": {"w": w(2, 8, 4)},       # (N, D, H)
+                                          "kv_einsum": {"w": w(2, 1, 8, 4)},   # (2, K, D, H)
+                                          "attn_vec_einsum": {"w": w(2, 4, 8)}},
+                                 "mlp": {"gating_einsum": w(2, 12, 8),         # (2, F, D)
+                                         "linear": w(12, 8)}}}}
+  axes = {"q_einsum": jlora.Axes(inputs=(1,), outputs=(0, 2)),
+          "kv_einsum": jlora.Axes(inputs=(2,), outputs=(0, 1, 3)),
+          "gating_einsum": jlora.Axes(inputs=(2,), outputs=(0, 1)),
+          "attn_vec_einsum": jlora.Axes(inputs=2), ".*": jlora.Axes(inputs=1)}
+  targets = re.compile(r"einsum/w$|gating_einsum$|linear$")
+  p = jlora.lorify(base, 2, key=jax.random.key(1), targets=targets, axes=axes)
+  p = randomize_adapters(p, jax.random.key(2))
+  d = os.path.join(tempfile.mkdtemp(), "a")
+  config = jlora.export_peft(p, d, module_path=maps.GEMMA_LIB)
+  assert config["target_modules"] == sorted(
+      f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                      "mlp.down_proj"))
+  tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
+  pre = "base_model.model.model.layers.0."
+  assert tensors[pre + "self_attn.q_proj.lora_B.weight"].shape == (8, 2)  # (N*H, r)
+  assert tensors[pre + "self_attn.v_proj.lora_B.weight"].shape == (4, 2)  # one kv head
+  assert tensors[pre + "self_attn.o_proj.lora_A.weight"].shape == (2, 8)  # (r, N*H)
+  # k and v share kv_einsum's A; gate and up share gating_einsum's.
+  assert (tensors[pre + "self_attn.k_proj.lora_A.weight"] ==
+          tensors[pre + "self_attn.v_proj.lora_A.weight"]).all()
+  back = jlora.import_peft(base, d, module_path=maps.GEMMA_LIB)
+  # Split modules come back fused into one exact adapter of the summed rank.
+  assert back["params"]["layer_0"]["attn"]["kv_einsum"]["w_lora"].rank == 4
+  assert_trees_close(jlora.merge(back), jlora.merge(p), rtol=1e-5, atol=1e-6)
+  wrong = jlora.lorify(base, 2, key=jax.random.key(1), targets=re.compile("q_einsum/w$"),
+                       axes=jlora.Axes(stack=1))  # per-head adapters: no PEFT module
+  with pytest.raises(jlora.LoraError, match="stacked axes"):
+    jlora.export_peft(wrong, tempfile.mkdtemp(), module_path=maps.GEMMA_LIB)
+  wrong = jlora.lorify(base, 2, key=jax.random.key(1), targets=re.compile("q_einsum/w$"),
+                       axes=jlora.Axes(inputs=(0,), outputs=(1, 2)))
+  with pytest.raises(jlora.LoraError, match=r"q_einsum/w: adapted with axes in role order "
+                     r"\(0, 1, 2\).*axes=jlora.Axes\(inputs=\(1,\), outputs=\(0, 2\)\)"):
+    jlora.export_peft(wrong, tempfile.mkdtemp(), module_path=maps.GEMMA_LIB)

@@ -333,3 +333,132 @@ def test_embedding_dora_round_trips_through_peft():
   merged = loaded.merge_and_unload().state_dict()
   ours = to_torch(jlora.merge(params), maps.LLAMA)
   assert_merged_equal(ours, merged, {}, what="llama dora embedding")
+
+
+# -- The Gemma library's own Flax tree (multi-axis einsums, split modules) ----
+
+GEMMA_AXES = {"q_einsum": jlora.Axes(inputs=(1,), outputs=(0, 2)),      # (N, D, H)
+              "kv_einsum": jlora.Axes(inputs=(2,), outputs=(0, 1, 3)),  # (2, K, D, H)
+              "attn_vec_einsum": jlora.Axes(inputs=2),                  # (N, H, D)
+              "gating_einsum": jlora.Axes(inputs=(2,), outputs=(0, 1)),  # (2, F, D)
+              "linear": jlora.Axes(inputs=1),                           # (F, D)
+              "input_embedding": jlora.Axes(inputs=1)}
+
+
+def gemma_lib_tree(state, n=2, k=1, h=8):
+  """The Gemma library's tree of a HF Gemma 3 state dict (its own layouts)."""
+  get = lambda key: state[key].detach().numpy().astype(np.float32)  # noqa: E731
+  tree = {"embedder": {"input_embedding": get("model.embed_tokens.weight")}}
+  i = 0
+  while f"model.layers.{i}.self_attn.q_proj.weight" in state:
+    pre = f"model.layers.{i}."
+    heads = lambda w, m: w.reshape(m, h, -1).transpose(0, 2, 1)  # noqa: E731 (m*h, d) -> (m, d, h)
+    tree[f"layer_{i}"] = {
+        "attn": {"q_einsum": {"w": heads(get(pre + "self_attn.q_proj.weight"), n)},
+                 "kv_einsum": {"w": np.stack([heads(get(pre + f"self_attn.{p}_proj.weight"), k)
+                                              for p in "kv"])},
+                 "attn_vec_einsum": {"w": get(pre + "self_attn.o_proj.weight").T.reshape(n, h, -1)}},
+        "mlp": {"gating_einsum": np.stack([get(pre + "mlp.gate_proj.weight"),
+                                           get(pre + "mlp.up_proj.weight")]),
+                "linear": get(pre + "mlp.down_proj.weight").T}}
+    i += 1
+  return tree
+
+
+def gemma_lib_to_torch(tree):
+  """HF names of a (merged) Gemma library tree: the inverse of `gemma_lib_tree`."""
+  out = {"model.embed_tokens.weight": np.asarray(tree["embedder"]["input_embedding"])}
+  for name, layer in tree.items():
+    if not name.startswith("layer_"):
+      continue
+    pre = f"model.layers.{name[6:]}."
+    flat = lambda w: np.asarray(w).transpose(0, 2, 1).reshape(-1, w.shape[1])  # noqa: E731
+    attn, mlp = layer["attn"], layer["mlp"]
+    out[pre + "self_attn.q_proj.weight"] = flat(attn["q_einsum"]["w"])
+    out[pre + "self_attn.k_proj.weight"] = flat(attn["kv_einsum"]["w"][0])
+    out[pre + "self_attn.v_proj.weight"] = flat(attn["kv_einsum"]["w"][1])
+    w = np.asarray(attn["attn_vec_einsum"]["w"])
+    out[pre + "self_attn.o_proj.weight"] = w.reshape(-1, w.shape[-1]).T
+    out[pre + "mlp.gate_proj.weight"] = np.asarray(mlp["gating_einsum"][0])
+    out[pre + "mlp.up_proj.weight"] = np.asarray(mlp["gating_einsum"][1])
+    out[pre + "mlp.down_proj.weight"] = np.asarray(mlp["linear"]).T
+  return out
+
+
+def gemma_lib_adapt(tree, method):
+  params = jax.tree.map(jnp.asarray, tree)
+  key = jax.random.key(4)
+  axes = {f"{k}": v for k, v in GEMMA_AXES.items()}
+  if method == "ia3":
+    params = jlora.ia3(params, targets=re.compile(r"(kv_einsum/w|mlp/linear)$"),
+                       feedforward=re.compile(r"mlp/linear$"), axes=axes)
+  elif method == "dora":
+    params = jlora.dora(params, 2, key=key, alpha=4.0, axes=axes, targets=re.compile(
+        r"(q_einsum|kv_einsum|attn_vec_einsum)/w$|mlp/(gating_einsum|linear)$"))
+  else:
+    params = jlora.lorify(params, {"kv_einsum": 3, ".*": 2}, key=key, alpha=4.0, axes=axes,
+                          targets=re.compile(r"(q_einsum|kv_einsum|attn_vec_einsum)/w$|"
+                                             r"mlp/(gating_einsum|linear)$|input_embedding$"))
+  rng = np.random.default_rng(5)
+  mask = jlora.trainable_mask(params)
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(l + 0.3 * rng.standard_normal(l.shape).astype(np.float32)) if m else l
+      for l, m in zip(leaves, jax.tree.leaves(mask))])
+
+
+def test_gemma_lib_tree_mirrors_hf_gemma():
+  model = make("gemma3")
+  state = model.state_dict()
+  back = gemma_lib_to_torch(gemma_lib_tree(state))
+  for key, value in back.items():
+    np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gemma_lib_export_loads_in_peft_and_merges_the_same(method):
+  model = make("gemma3")
+  params = gemma_lib_adapt(gemma_lib_tree(model.state_dict()), method)
+  d = tempfile.mkdtemp() + "/adapter"
+  jlora.export_peft(params, d, module_path=maps.GEMMA_LIB)
+  tensors = load_file(d + "/adapter_model.safetensors")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = PeftModel.from_pretrained(model, d)
+  assert not [str(w.message) for w in caught
+              if re.search(r"missing|unexpected", str(w.message), re.I)]
+  state = get_peft_model_state_dict(loaded)
+  assert sorted(state) == sorted(tensors)
+  merged = loaded.merge_and_unload().state_dict()
+  ours = gemma_lib_to_torch(jlora.merge(params))
+  assert_merged_equal(ours, merged, tensors, what=f"gemma library {method} jlora->PEFT")
+  base = base_state("gemma3")
+  assert any(not np.allclose(merged[k].numpy(), base[k].numpy()) for k in ours)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_peft_gemma_adapter_imports_onto_the_gemma_lib_tree(method):
+  model = make("gemma3")
+  tree = gemma_lib_tree(model.state_dict())
+  if method == "ia3":
+    config = IA3Config(target_modules=module_names(model, r"(k_proj|v_proj|down_proj)$"),
+                       feedforward_modules=module_names(model, r"down_proj$"))
+  else:
+    targets = module_names(model, DECODER_LORA)
+    if method == "dora":
+      targets = [t for t in targets if "embed" not in t]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=method == "dora",
+                        rank_pattern={r".*\.1\..*v_proj": 3}, init_lora_weights=False)
+  peft_model = get_peft_model(model, config)
+  gen = torch.Generator().manual_seed(6)
+  with torch.no_grad():
+    for _, p in peft_model.named_parameters():
+      if p.requires_grad:
+        p.add_(0.3 * torch.randn(p.shape, generator=gen))
+  d = tempfile.mkdtemp()
+  peft_model.save_pretrained(d)
+  tensors = load_file(d + "/adapter_model.safetensors")
+  imported = jlora.import_peft(jax.tree.map(jnp.asarray, tree), d, module_path=maps.GEMMA_LIB)
+  merged = peft_model.merge_and_unload().state_dict()
+  ours = gemma_lib_to_torch(jlora.merge(imported))
+  assert_merged_equal(ours, merged, tensors, what=f"gemma library {method} PEFT->jlora")

@@ -58,3 +58,10 @@ def from_2d(method: Method, weight_shape, arrays) -> tuple[np.ndarray, ...]:
 def weight_2d(weight, inputs: int) -> np.ndarray:
   w = np.asarray(weight)
   return w.reshape(math.prod(w.shape[:inputs]), -1)
+
+
+def role_order(method: Method | None, weight) -> np.ndarray:
+  """The weight with its axes in ``method``'s role order (inputs first)."""
+  w = np.asarray(weight)
+  order = tuple(getattr(method, "layout", ()) or ())
+  return w.transpose(order) if order else w

@@ -180,7 +180,25 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
       problems.add(f"{path_str(wpath)}: module_path maps {path_str(wpath[:-1])!r} to no "
                    "torch module; extend the mapping")
       continue
+    layout = target.layout
+    if layout.order or layout.inputs:
+      have = tuple(getattr(m, "layout", ()) or range(weight.ndim))
+      want = tuple(layout.order or range(weight.ndim))
+      if have != want or (layout.inputs and m.inputs != layout.inputs):
+        ins = list(want[:layout.inputs or m.inputs])
+        outs = list(want[layout.inputs or m.inputs:])
+        problems.add(f"{path_str(wpath)}: adapted with axes in role order {have} and "
+                     f"{m.inputs} input axes, but {target.module} takes axes {want} with "
+                     f"{layout.inputs or m.inputs} inputs; add the adapter with "
+                     f"axes=jlora.Axes(inputs={tuple(ins)}, outputs={tuple(outs)})")
+        continue
     arrays2 = _arrays.to_2d(m, weight.shape, arrays)
+    if layout.split:
+      n_out = _arrays.weight_2d(_arrays.role_order(m, weight), m.inputs).shape[1]
+      k = len(target.parts)
+      for module, piece in zip(target.parts, m.peft_split(arrays2, (n_out // k,) * k)):
+        modules[module] = (*piece, _map.Layout())
+      continue
     if target.layout.fused:
       fused.setdefault(target.module, {})[target.layout.part] = (m, arrays2)
       continue
@@ -199,7 +217,7 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
       path, weight = parts[p]
       m, arrays2 = adapted.get(p, (None, None))
       inputs = m.inputs if m is not None else 1
-      w2 = _arrays.weight_2d(weight, inputs)
+      w2 = _arrays.weight_2d(_arrays.role_order(m, weight), inputs)
       rows.append((m, arrays2, w2.shape[1], w2))
     try:
       modules[module] = (*cls.peft_fuse(rows), layout)
@@ -246,15 +264,16 @@ def _modules_to_save(base, trained: set[Path], resolve, tensors, problems) -> li
   saved = []
   for mpath, keys in sorted(by_mapping.items(), key=lambda kv: path_str(kv[0])):
     mapping = _get(base, mpath)
-    target = next((t for k in sorted(mapping) if _tree.is_array(mapping[k])
-                   and getattr(mapping[k], "ndim", 0) >= 2
-                   for t in [resolve(mpath + (k,))] if t is not None), None)
-    if target is None or target.layout.fused:
+    found = next(((k, t) for k in sorted(mapping) if _tree.is_array(mapping[k])
+                  and getattr(mapping[k], "ndim", 0) >= 2
+                  for t in [resolve(mpath + (k,))] if t is not None), None)
+    weight_key, target = found if found else (None, None)
+    if target is None or target.layout.fused or target.layout.split:
       problems.add(f"leaves trained in full {sorted(path_str(mpath + (k,)) for k in keys)}: "
                    "module_path maps their module to no (unfused) torch module, so they "
                    "cannot travel as modules_to_save; extend the mapping")
       continue
-    names = {leaf: param for param, leaf in target.layout.params.items()}
+    names = {weight_key: "weight", "bias": "bias"}
     for k in sorted(keys):
       leaf = np.asarray(mapping[k])
       if k not in names:

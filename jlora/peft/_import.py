@@ -44,9 +44,19 @@ def _index(base: Any, resolve) -> dict[str, list[tuple[Path, Any, Any]]]:
       if k in skip or not _tree.is_array(leaf) or getattr(leaf, "ndim", 0) < 2:
         continue
       target = resolve(path + (k,))
-      if target is not None:
-        index.setdefault(target.module, []).append((path + (k,), leaf, target.layout))
+      if target is None:
+        continue
+      for module in target.parts or (target.module,):
+        index.setdefault(module, []).append((path + (k,), leaf, target.layout))
   return index
+
+
+def _view(weight, layout, tensors: dict) -> tuple[tuple[int, ...], int, tuple[int, int]]:
+  """``(role order, inputs, (n_in, n_out))`` of a weight under its map layout."""
+  order = tuple(layout.order)
+  shape = tuple(weight.shape[k] for k in order) if order else tuple(weight.shape)
+  inputs = layout.inputs or _inputs(shape, tensors)
+  return order, inputs, (math.prod(shape[:inputs]), math.prod(shape[inputs:]))
 
 
 def _inputs(shape, tensors: dict) -> int:
@@ -136,6 +146,7 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
   plan: dict[Path, tuple[Any, tuple]] = {}   # weight path -> (method, arrays)
   full: dict[Path, np.ndarray] = {}          # leaf path -> new value
   trained: set[Path] = set()
+  split: dict[Path, dict[str, dict]] = {}    # a split weight -> its modules' tensors
   for module, found in sorted(by_module.items()):
     entries = index[module]
     rest = dict(found)
@@ -144,21 +155,26 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
         _full(module, suffix, rest.pop(suffix), entries, config, full, trained, problems)
     if not rest:
       continue
-    layout = entries[0][2]
+    wpath, weight, layout = entries[0]
+    if layout.split:
+      split.setdefault(wpath, {})[module] = rest
+      continue
     if layout.fused:
       _fused(cls, config, module, rest, entries, name, plan, problems)
     else:
-      wpath, weight, _ = entries[0]
-      inputs = _inputs(weight.shape, rest)
-      w2 = _arrays.weight_2d(np.empty(weight.shape, np.int8), inputs)
+      order, inputs, shape = _view(weight, layout, rest)
       try:
-        method, arrays2 = cls.from_peft(config, module, rest, shape=w2.shape,
+        method, arrays2 = cls.from_peft(config, module, rest, shape=shape,
                                         embedding=layout.embedding, name=name)
       except ValueError as e:
         problems.add(f"{path_str(wpath)}: {e}")
         continue
-      _place(method, arrays2, wpath, weight, inputs, plan)
+      _place(method, arrays2, wpath, weight, inputs, plan, order=order, problems=problems)
     unused.extend(f"{_files.PREFIX}{module}.{s}" for s in rest)
+  for wpath, modules in sorted(split.items(), key=lambda kv: path_str(kv[0])):
+    weight = next(w for path, w, _ in index[next(iter(modules))] if path == wpath)
+    _split(cls, config, wpath, weight, modules, resolve(wpath), name, plan, problems)
+    unused.extend(f"{_files.PREFIX}{m}.{s}" for m, rest in modules.items() for s in rest)
   if unused:
     problems.add(f"{len(unused)} tensors match no kernel through module_path, e.g. "
                  f"{sorted(unused)[:3]}; extend the mapping or use the right base model")
@@ -171,13 +187,12 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
 def _full(module, suffix, t, entries, config, full, trained, problems) -> None:
   """A whole parameter in the file: a module to save, or a saved embedding."""
   wpath, weight, layout = entries[0]
-  if layout.fused:
+  if layout.fused or layout.split or layout.order:
     problems.add(f"{module}.{suffix}: a full parameter of a fused module; jlora cannot "
                  "split it over its parts")
     return
   param = "weight" if suffix == "base_layer.weight" else suffix
-  leaf = layout.params[param]
-  path = wpath[:-1] + (leaf,)
+  path = wpath if param == "weight" else wpath[:-1] + ("bias",)
   if param == "weight":
     value = layout.from_torch(t)
     want = _arrays.weight_2d(np.empty(weight.shape, np.int8), 1).shape
@@ -222,11 +237,48 @@ def _fused(cls, config, module, rest, entries, name, plan, problems) -> None:
     problems.add(f"{path_str(parts[0][0])} (part of {module}): {e}")
     return
   for (wpath, weight, _), k, (m, arrays) in zip(parts, inputs, pieces):
-    _place(m, arrays, wpath, weight, k, plan)
+    _place(m, arrays, wpath, weight, k, plan, problems=problems)
 
 
-def _place(method, arrays2, wpath, weight, inputs, plan) -> None:
-  method = dataclasses.replace(method, weight=wpath[-1], stack=0, inputs=inputs)
+def _split(cls, config, wpath, weight, modules, target, name, plan, problems) -> None:
+  """One weight that is several torch modules (``kv_einsum`` -> k_proj, v_proj):
+  their adapters, fused into one exact adapter on it."""
+  layout, names = target.layout, list(target.parts)
+  order, inputs, (n_in, n_out) = _view(weight, layout, next(iter(modules.values())))
+  size = n_out // len(names)
+  w2 = _arrays.weight_2d(np.asarray(weight).transpose(order) if order else weight, inputs)
+  rows = []
+  for j, module in enumerate(names):
+    part = w2[:, j * size:(j + 1) * size]
+    if module not in modules:
+      rows.append((None, None, size, part))
+      continue
+    try:
+      m, arrays = cls.from_peft(config, module, modules[module], shape=(n_in, size),
+                                embedding=False, name=name)
+    except ValueError as e:
+      problems.add(f"{path_str(wpath)} ({module}): {e}")
+      return
+    rows.append((m, arrays, size, part))
+  try:
+    method, arrays2 = cls.peft_fuse(rows)
+  except ValueError as e:
+    problems.add(f"{path_str(wpath)}: cannot hold the adapters of {names} as one exact "
+                 f"adapter: {e}")
+    return
+  _place(method, arrays2, wpath, weight, inputs, plan, order=order, problems=problems)
+
+
+def _place(method, arrays2, wpath, weight, inputs, plan, *, order=(), problems=None) -> None:
+  changes = dict(weight=wpath[-1], stack=0, inputs=inputs)
+  if order:
+    changes["layout"] = tuple(order)
+  try:
+    method = dataclasses.replace(method, **changes)
+  except TypeError:
+    problems.add(f"{path_str(wpath)}: the map gives this weight the axis order {order}, "
+                 "and this jlora's methods have no axis layout")
+    return
   plan[wpath] = (method, _arrays.from_2d(method, weight.shape, arrays2))
 
 

@@ -43,17 +43,31 @@ class Layout:
     part, parts: this weight is output slice ``part`` of ``parts`` of one
       fused torch module (``qkv_proj``, ``c_attn``, ``gate_up_proj``), in
       order; all parts must be in the tree. ``parts=1``: not fused.
+    order, inputs: for a kernel whose axes are not inputs-then-outputs (the
+      Gemma library's einsums, ``(heads, d, head_dim)``): its axes in role
+      order, inputs first (as `jlora.Method`'s ``layout``, e.g. ``(1, 0, 2)``),
+      and how many are inputs. Adapters on it must have this layout
+      (``jlora.Axes(inputs=(1,), outputs=(0, 2))``); import gives them it.
+    split: the reverse of fused: this one weight is several torch modules,
+      one per slice of its first output axis, named by the ``{part}``
+      placeholder of the torch template (``("k_proj", "v_proj")``).
   """
 
   embedding: bool = False
   fan_in_fan_out: bool = False
   part: int = 0
   parts: int = 1
+  order: tuple[int, ...] = ()
+  inputs: int = 0
+  split: tuple[str, ...] = ()
 
   def __repr__(self):
     name = "Embedding" if self.embedding else "Conv1D" if self.fan_in_fan_out else "Linear"
-    fused = f"part={self.part}, parts={self.parts}" if self.parts > 1 else ""
-    return f"{name}({fused})"
+    fields = [f"part={self.part}, parts={self.parts}"] if self.parts > 1 else []
+    fields += [f"order={self.order}"] if self.order else []
+    fields += [f"inputs={self.inputs}"] if self.inputs else []
+    fields += [f"split={self.split}"] if self.split else []
+    return f"{name}({', '.join(fields)})"
 
   @property
   def fused(self) -> bool:
@@ -73,9 +87,11 @@ class Layout:
     return {"weight": "embedding" if self.embedding else "kernel", "bias": "bias"}
 
 
-def Linear(*, part: int = 0, parts: int = 1) -> Layout:  # noqa: N802 - a layout name
-  """``nn.Linear``: torch weight ``(out, in)``; the jlora kernel ``(*in, *out)``."""
-  return Layout(part=part, parts=parts)
+def Linear(*, part: int = 0, parts: int = 1, order: tuple[int, ...] = (), inputs: int = 0,
+           split: tuple[str, ...] = ()) -> Layout:  # noqa: N802 - a layout name
+  """``nn.Linear``: torch weight ``(out, in)``; the jlora kernel ``(*in, *out)``
+  (or any axis order, with ``order`` and ``inputs``; see `Layout`)."""
+  return Layout(part=part, parts=parts, order=tuple(order), inputs=inputs, split=tuple(split))
 
 
 def Conv1D(*, part: int = 0, parts: int = 1) -> Layout:  # noqa: N802
@@ -95,6 +111,7 @@ class Target:
   module: str
   layout: Layout
   param: str = "weight"
+  parts: tuple[str, ...] = ()  # the torch modules of a split layout, in order
 
 
 def _choices(*templates: str) -> dict[str, str]:
@@ -138,8 +155,15 @@ class Rule:
 
   def __post_init__(self):
     restricted = _choices(self.tree, self.torch)
+    if self.layout.split:
+      restricted["part"] = "|".join(self.layout.split)
     tree_re, tree_names = _compile(self.tree, "/", restricted)
     torch_re, torch_names = _compile(self.torch, ".", restricted)
+    if self.layout.split and "part" not in torch_names:
+      raise ValueError(f"Rule({self.tree!r}, {self.torch!r}): a split layout names its "
+                       "torch modules with a {part} placeholder in the torch template")
+    if self.layout.split:
+      torch_names = [n for n in torch_names if n != "part"]
     if sorted(set(tree_names)) != sorted(set(torch_names)):
       raise ValueError(f"Rule({self.tree!r}, {self.torch!r}): both templates must use "
                        f"the same placeholders, got {tree_names} and {torch_names}")
@@ -148,7 +172,10 @@ class Rule:
 
   def match_tree(self, path: str) -> str | None:
     m = self._tree_re.fullmatch(path)  # type: ignore[attr-defined]
-    return None if m is None else _PLACEHOLDER.sub(lambda p: m.group(p.group(1)), self.torch)
+    if m is None:
+      return None
+    fill = lambda p: "{part}" if p.group(1) == "part" else m.group(p.group(1))  # noqa: E731
+    return _PLACEHOLDER.sub(fill, self.torch)
 
   def match_torch(self, module: str) -> str | None:
     m = self._torch_re.fullmatch(module)  # type: ignore[attr-defined]
@@ -179,7 +206,8 @@ class ModuleMap:
     for rule in self.rules:
       module = rule.match_tree(where)
       if module is not None:
-        return Target(module, rule.layout)
+        parts = tuple(module.replace("{part}", p) for p in rule.layout.split)
+        return Target(parts[0] if parts else module, rule.layout, parts=parts)
     return None
 
   def tree_path(self, module: str, param: str = "weight") -> Path | None:
@@ -188,10 +216,9 @@ class ModuleMap:
       path = rule.match_torch(module)
       if path is not None:
         parts = tuple(path.split("/"))
-        leaf = rule.layout.params.get(param)
-        if leaf is None:
-          return None
-        return parts if leaf == parts[-1] else parts[:-1] + (leaf,)
+        if param == "weight":  # the rule names the weight itself
+          return parts
+        return parts[:-1] + (param,) if param in rule.layout.params else None
     return None
 
   def prefixed(self, tree: str, torch: str, *, rules: Sequence[Rule] = (),

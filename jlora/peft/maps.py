@@ -13,6 +13,9 @@ as Linen names them, ``layers_0``; kernels ``(in, out)``, embeddings
   (or separate ``q_proj``/``k_proj``/``v_proj`` as its parts).
 * `BERT` (``BertModel``), `BERT_CLS` (``BertForSequenceClassification``),
   `ROBERTA` and `ROBERTA_CLS`.
+* `GEMMA_LIB`: the Gemma library's own Flax tree (``layer_0/attn/q_einsum/w``,
+  multi-axis einsum kernels, ``kv_einsum`` and ``gating_einsum`` split into
+  two modules each) -> HF Gemma 2/3 names.
 
 A new family is a few rules; the first match wins, ``{name}`` placeholders
 are shared by both templates:
@@ -96,5 +99,26 @@ ROBERTA_CLS = ROBERTA.prefixed(
     "roberta", "roberta",
     rules=(Rule("classifier/{p:dense|out_proj}/kernel", "classifier.{p}"),))
 
-__all__ = ("BERT", "BERT_CLS", "GEMMA2", "GEMMA3", "GPT2", "LLAMA", "MISTRAL", "PHI3",
+# The Gemma library's own Flax tree (gemma.gm.nn, Gemma 2 and 3: GQA, the
+# transposed gating einsum) -> HF Gemma names. Its einsum kernels are not
+# inputs-then-outputs, so adapters on them need the matching axes, e.g.
+# ``jlora.Axes(inputs=(1,), outputs=(0, 2))`` for q_einsum's (heads, d,
+# head_dim); kv_einsum (2, kv_heads, d, head_dim) and gating_einsum (2,
+# hidden, d) are each two HF modules, split along their leading axis.
+GEMMA_LIB = ModuleMap((
+    Rule("embedder/input_embedding", "model.embed_tokens", Embedding()),
+    Rule("layer_{i}/attn/q_einsum/w", "model.layers.{i}.self_attn.q_proj",
+         Linear(order=(1, 0, 2), inputs=1)),
+    Rule("layer_{i}/attn/kv_einsum/w", "model.layers.{i}.self_attn.{part}",
+         Linear(order=(2, 0, 1, 3), inputs=1, split=("k_proj", "v_proj"))),
+    Rule("layer_{i}/attn/qkv_einsum/w", "model.layers.{i}.self_attn.{part}",
+         Linear(order=(2, 0, 1, 3), inputs=1, split=("q_proj", "k_proj", "v_proj"))),
+    Rule("layer_{i}/attn/attn_vec_einsum/w", "model.layers.{i}.self_attn.o_proj",
+         Linear(inputs=2)),
+    Rule("layer_{i}/mlp/gating_einsum", "model.layers.{i}.mlp.{part}",
+         Linear(order=(2, 0, 1), inputs=1, split=("gate_proj", "up_proj"))),
+    Rule("layer_{i}/mlp/linear", "model.layers.{i}.mlp.down_proj", Linear(inputs=1)),
+), task_type="CAUSAL_LM", name="Gemma library")
+
+__all__ = ("BERT", "BERT_CLS", "GEMMA2", "GEMMA3", "GEMMA_LIB", "GPT2", "LLAMA", "MISTRAL", "PHI3",
            "QWEN2", "QWEN3", "ROBERTA", "ROBERTA_CLS")
