@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora.quant._array import Quantized
@@ -121,6 +122,22 @@ def wants_rule(eqn, invals: Sequence[Any]) -> bool:
   return eqn.primitive.name in CONTROL and any(isinstance(v, Lazy) for v in invals)
 
 
+class _Bound:
+  """A primitive with its parameters, standing in for a jaxpr equation."""
+
+  def __init__(self, primitive, params):
+    self.primitive, self.params = primitive, params
+
+
+def bind_params(primitive, params: dict, invals: Sequence[Any]) -> Any:
+  """``primitive.bind(*invals, **params)`` where some of ``invals`` are `Lazy`
+  (for rules that rebind a primitive with changed parameters)."""
+  if not any(isinstance(v, Lazy) for v in invals):
+    return primitive.bind(*invals, **params)
+  return bind(_Bound(primitive, params), invals,
+              lambda e, vals: primitive.bind(*vals, **e.params))
+
+
 def bind(eqn, invals: Sequence[Any], plain_bind: Callable) -> Any:
   """``eqn`` on values of which some are `Lazy`.
 
@@ -128,7 +145,8 @@ def bind(eqn, invals: Sequence[Any], plain_bind: Callable) -> Any:
   run with the dequantization under ``jax.checkpoint``.
   """
   name = eqn.primitive.name
-  if name in SHAPE_OPS and len(invals) == 1 and not eqn.primitive.multiple_results:
+  if (name in SHAPE_OPS and len(invals) == 1 and not eqn.primitive.multiple_results
+      and hasattr(eqn, "outvars")):
     aval = eqn.outvars[0].aval
     return invals[0].then(lambda w: plain_bind(eqn, [w]), aval.shape, aval.dtype, name)
   if name == "gather" and isinstance(invals[0], Lazy) and not isinstance(invals[1], Lazy):
@@ -136,14 +154,55 @@ def bind(eqn, invals: Sequence[Any], plain_bind: Callable) -> Any:
     if rows is not None:
       return rows
   lazy_at = [i for i, v in enumerate(invals) if isinstance(v, Lazy)]
+  array_at = [i for i, v in enumerate(invals)
+              if not isinstance(v, Lazy) and isinstance(v, (jax.Array, np.ndarray))]
 
-  def use(*lazies):
+  def use(arrays, lazies):
     vals = list(invals)
+    for i, v in zip(array_at, arrays):
+      vals[i] = v
     for i, v in zip(lazy_at, lazies):
       vals[i] = v.materialize()
     return plain_bind(eqn, vals)
 
-  return jax.checkpoint(use)(*[invals[i] for i in lazy_at])
+  return recomputed(use, [invals[i] for i in array_at], [invals[i] for i in lazy_at])
+
+
+def _zero_cotangent(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def recomputed(use: Callable, arrays: list, lazies: list):
+  """``use(arrays, lazies)``, dequantizing in the forward and again in the
+  backward pass, never keeping the dequantized weight in between.
+
+  ``jax.checkpoint`` alone is not enough: its recomputation depends only on
+  the weight's stored arrays, so XLA may schedule every layer's
+  recomputation at the start of the backward pass and hold them all. Here
+  each dequantization is tied by an optimization barrier to the value that
+  arrives just before its use: the activations in the forward pass, the
+  incoming cotangent in the backward pass. The quantized weights get zero
+  cotangents (they are frozen).
+  """
+  @jax.custom_vjp
+  def run(arrays, lazies):
+    arrays, lazies = lax.optimization_barrier((arrays, lazies))
+    return use(arrays, lazies)
+
+  def fwd(arrays, lazies):
+    return run(arrays, lazies), (arrays, lazies)
+
+  def bwd(res, g):
+    arrays, lazies = res
+    arrays, lazies, g = lax.optimization_barrier((arrays, lazies, g))
+    _, vjp = jax.vjp(lambda a: use(a, lazies), arrays)
+    (d_arrays,) = vjp(g)
+    return d_arrays, jax.tree.map(_zero_cotangent, lazies)
+
+  run.defvjp(fwd, bwd)
+  return run(arrays, lazies)
 
 
 def _gather_rows(eqn, v: Lazy, indices) -> jax.Array | None:
@@ -184,7 +243,7 @@ def _gather_rows(eqn, v: Lazy, indices) -> jax.Array | None:
       w = op.fn(w) if op.kind != "convert_element_type" else w.astype(op.dtype)
     return w
 
-  return jax.checkpoint(rows)(q)
+  return recomputed(lambda _, lazies: rows(lazies[0]), [indices], [q])
 
 
 def enter(v: Any) -> Any:
