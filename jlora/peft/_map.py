@@ -10,7 +10,7 @@ a leading ``params/`` (Linen's collection) is optional.
 >>> m = ModuleMap((Rule("model/layers_{i}/mlp/{proj:up|down}/kernel",
 ...                     "model.layers.{i}.mlp.{proj}_proj"),))
 >>> m.resolve(("params", "model", "layers_3", "mlp", "up", "kernel"))
-Target(module='model.layers.3.mlp.up_proj', layout=Linear(), param='weight')
+Target(module='model.layers.3.mlp.up_proj', layout=Linear(), param='weight', parts=())
 >>> m.tree_path("model.layers.3.mlp.down_proj", "weight")
 ('model', 'layers_3', 'mlp', 'down', 'kernel')
 >>> m.resolve(("model", "layers_3", "mlp", "gate", "kernel")) is None
