@@ -200,6 +200,12 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
     order = sum(1 for (p, _) in existing if p == path)
     methods[path] = dataclasses.replace(method, order=order)
   for mpath in full:
+    if mpath not in mappings:
+      problems.add(f"{path_str(mpath)}: leaves to train in full must sit in a mapping "
+                   "(jlora marks them beside them), and this holder is a "
+                   f"{type(_holder_at(params, mpath)).__name__}; train it through "
+                   "adapters (targets=) instead")
+      continue
     marker = mappings.get(mpath, {}).get(_structure.TRAINABLE_KEY)
     if marker is not None and not isinstance(marker, _structure.FullyTrainable):
       problems.add(f"{path_str(mpath + (_structure.TRAINABLE_KEY,))}: jlora marks leaves "
@@ -245,6 +251,14 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
 
   held = jax.tree_util.tree_map_with_path(hold, params, is_leaf=_tree.is_quantized)
   return _tree.map_mappings(held, add)
+
+
+def _holder_at(tree: Any, path: Path) -> Any:
+  for k in path:
+    node = _tree.node_children(tree) if not isinstance(tree, Mapping) else (
+        list(tree), list(tree.values()), None)
+    tree = dict(zip(node[0], node[1]))[k]
+  return tree
 
 
 def _trainable_leaves(candidates, trainable: Targets, problems: Problems) -> list[Path]:

@@ -90,6 +90,8 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
     holder = isinstance(mapping, _tree.Holder)
     if not specs and not isinstance(marker, FullyTrainable):
       orphans(path, mapping, problems)
+      if holder and len(mapping) == 1:  # its adapters removed (jlora.disable)
+        return next(iter(mapping.values()))
       if holder:
         problems.add(f"{path_str(path)}: holds {sorted(mapping)} without an adapter "
                      "record; re-create the adapters with lorify")

@@ -80,11 +80,14 @@ def save_adapters(params: Any, path: str | os.PathLike, *, force: bool = False) 
   problems.raise_if_any()
   methods, arrays, marked = [], [], []
   for wpath in sorted(entries, key=path_str):
-    for adapter in entries[wpath].adapters:
+    entry = entries[wpath]
+    for adapter in entry.adapters:
       m = adapter.method
       fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
-      methods.append({"path": json_path(wpath[:-1]), "key": m.spec_key,
-                      "type": type(m).__name__, "fields": fields})
+      methods.append({"path": json_path(entry.mapping), "key": m.spec_key,
+                      "type": type(m).__name__, "fields": fields,
+                      # a weight outside any mapping: its adapters get a Holder
+                      "holder": entry.mapping == wpath})
       arrays += list(zip(adapter.paths, adapter.arrays))
   leaves = dict((keypath_to_path(kp), x)
                 for kp, x in jax.tree_util.tree_flatten_with_path(params)[0])
@@ -239,6 +242,16 @@ def load_adapters(base_params: Any, path: str | os.PathLike) -> Any:
       items[_structure.TRAINABLE_KEY] = FullyTrainable(marks[mpath])
     return _tree.rebuild_mapping(mapping, items)
 
+  held = {tuple(m["path"]): types[m["type"]](**m["fields"]).weight
+          for m in record["methods"] if m.get("holder")}
+
+  def hold(kp, leaf):
+    weight = held.get(keypath_to_path(kp))
+    return leaf if weight is None else _tree.Holder({weight: leaf})
+
+  if held:
+    base_params = jax.tree_util.tree_map_with_path(hold, base_params,
+                                                   is_leaf=_tree.is_quantized)
   out = _tree.map_mappings(base_params, add)
   _structure.read(out, what=f"the adapters loaded from {path}")  # validates shapes
   return out

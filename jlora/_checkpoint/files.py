@@ -83,9 +83,11 @@ def fingerprint(base: Any) -> list[list]:
   """``[path, shape, dtype]`` per leaf; a quantized weight is one leaf whose
   dtype names its format and layout too (e.g. ``nf4/64/-2 float32``)."""
   def dtype(x):
+    if not hasattr(x, "dtype"):  # a non-array leaf (an equinox activation function)
+      return f"static {type(x).__name__}"
     name = jnp.dtype(x.dtype).name
     return f"{x.format}/{x.block_size}/{x.axis} {name}" if is_quantized(x) else name
-  return [[json_path(keypath_to_path(kp)), list(x.shape), dtype(x)]
+  return [[json_path(keypath_to_path(kp)), list(getattr(x, "shape", ())), dtype(x)]
           for kp, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_quantized)[0]]
 
 

@@ -13,7 +13,7 @@ from jlora import _adapted, _structure
 from jlora._runtime.context import Context
 from jlora._runtime.interpret import evaluate
 from jlora._runtime.registry import dense
-from jlora._tree import is_quantized, keypath_to_path
+from jlora._tree import is_array, is_quantized, keypath_to_path
 from jlora.quant import _lazy
 
 
@@ -89,23 +89,29 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Ca
     base_leaves_kp, base_def = jax.tree_util.tree_flatten_with_path(
         base, is_leaf=is_quantized)
     base_leaves = [v for _, v in base_leaves_kp]
+    # Only the tree's arrays are traced; its other leaves (an equinox
+    # Module's activation functions, a flag) pass through as they are.
+    base_dynamic = [is_array(v) or _is_dynamic(v) for v in base_leaves]
     # A quantized weight is traced as its logical float array, and enters
     # the interpreter still quantized (dequantized at each use).
-    traced = [v.shape_dtype() if is_quantized(v) else v for v in base_leaves]
+    traced = [v.shape_dtype() if is_quantized(v) else v
+              for v, d in zip(base_leaves, base_dynamic) if d]
     paths = [keypath_to_path(kp) for kp, _ in base_leaves_kp]
     arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [_is_dynamic(a) for a in arg_leaves]
     dyn_vals = [a for a, d in zip(arg_leaves, dynamic) if d]
 
-    def flat_fn(base_leaves, dyn_vals):
+    def flat_fn(base_vals, dyn_vals):
       it = iter(dyn_vals)
       leaves = [next(it) if d else a for a, d in zip(arg_leaves, dynamic)]
       a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
-      return fn(jax.tree_util.tree_unflatten(base_def, base_leaves), *a, **kw)
+      it = iter(base_vals)
+      tree = [next(it) if d else v for v, d in zip(base_leaves, base_dynamic)]
+      return fn(jax.tree_util.tree_unflatten(base_def, tree), *a, **kw)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn_vals)
     invals = [_adapted.enter(v, entries[p]) if p in entries else _lazy.enter(v)
-              for p, v in zip(paths, base_leaves)]
+              for p, v, d in zip(paths, base_leaves, base_dynamic) if d]
     ctx = Context(rng=rng, fuse=fuse)
     outs = dense(ctx, evaluate(ctx, closed.jaxpr, closed.consts, [*invals, *dyn_vals]),
                  "output")

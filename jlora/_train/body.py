@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -16,6 +17,47 @@ from jax.sharding import PartitionSpec as P
 from jlora import _optim, _tree
 from jlora._errors import LoraError
 from jlora._train.state import TrainState
+
+
+@jax.tree_util.register_static
+class Static:
+  """A non-array leaf of the frozen half (an ``equinox.Module``'s activation
+  function, a dropout rate), carried in the treedef: the step sees it as the
+  Python value it is, never as a traced array."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __eq__(self, other):
+    if not isinstance(other, Static):
+      return False
+    if self.value is other.value:
+      return True
+    try:
+      return type(self.value) is type(other.value) and bool(self.value == other.value)
+    except Exception:  # values without a usable ==
+      return False
+
+  def __hash__(self):
+    try:
+      return hash((type(self.value), self.value))
+    except TypeError:
+      return hash(type(self.value))
+
+  def __repr__(self):
+    return f"Static({self.value!r})"
+
+
+def wrap_static(frozen: Any) -> Any:
+  """``frozen`` with each non-array leaf held in a `Static`."""
+  return jax.tree.map(lambda x: x if _tree.is_array(x) or isinstance(x, np.generic)
+                      else Static(x), frozen, is_leaf=_tree.is_quantized)
+
+
+def unwrap_static(frozen: Any) -> Any:
+  """The inverse of `wrap_static`."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, Static) else x, frozen,
+                      is_leaf=lambda x: isinstance(x, Static) or _tree.is_quantized(x))
 
 
 def _is_float(x) -> bool:
@@ -54,7 +96,7 @@ def make_body(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
 
   def grad_of(adapters, frozen, batch, key):
     def loss_of(adapters):
-      full = _optim.combine(adapters, frozen)
+      full = _optim.combine(adapters, unwrap_static(frozen))
       b = batch
       if compute_dtype is not None:
         full, b = cast(full, compute_dtype), cast(batch, compute_dtype)

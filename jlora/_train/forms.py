@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jlora import _optim
 from jlora._errors import LoraError
+from jlora._train.body import unwrap_static, wrap_static
 from jlora._train.placement import fsdp_spec, place
 from jlora._train.state import TrainState, TrainStep
 
@@ -37,11 +38,12 @@ def fresh_state(tx: optax.GradientTransformation, params: Any, key, structure):
   """``(TrainState at step 0, frozen half)`` of ``params``, unplaced."""
   check_structure(params, structure, "the tree passed to init")
   adapters, frozen = _optim.partition(params)
-  return TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters), key), frozen
+  return (TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters), key),
+          wrap_static(frozen))
 
 
 def _to_params(state, frozen):
-  return _optim.combine(state.adapters, frozen)
+  return _optim.combine(state.adapters, unwrap_static(frozen))
 
 
 def jit_form(body: Callable, tx, structure, *, donate: tuple[int, ...]) -> TrainStep:
@@ -81,7 +83,8 @@ def pmap_form(body: Callable, tx, structure, *, donate: tuple[int, ...]) -> Trai
     return jax.tree.map(per_device, batch)
 
   def to_params(state, frozen):
-    return _optim.combine(*jax.tree.map(lambda x: x[0], (state.adapters, frozen)))
+    adapters, frozen = jax.tree.map(lambda x: x[0], (state.adapters, frozen))
+    return _optim.combine(adapters, unwrap_static(frozen))
 
   return TrainStep(step=step, init=init, shard_batch=shard_batch, to_params=to_params,
                    mesh=None, state_sharding=None, frozen_sharding=None,
@@ -93,7 +96,7 @@ def mesh_form(body: Callable, tx, structure, params: Any, *, mesh: Mesh, fsdp: b
   names = tuple(mesh.axis_names)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(names))
-  _, frozen_like = _optim.partition(params)
+  frozen_like = wrap_static(_optim.partition(params)[1])
   if fsdp:
     frozen_sharding = jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.size, names)),
@@ -109,6 +112,7 @@ def mesh_form(body: Callable, tx, structure, params: Any, *, mesh: Mesh, fsdp: b
   def init(params, key):
     check_structure(params, structure, "the tree passed to init")
     adapters, frozen = _optim.partition(params)
+    frozen = wrap_static(frozen)
     adapters = place(adapters, replicated)
     frozen = place(frozen, frozen_sharding)
     opt_state = jax.jit(tx.init, out_shardings=replicated)(adapters)
