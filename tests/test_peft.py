@@ -684,3 +684,20 @@ def test_gemma_library_tree_round_trips_and_refuses_other_axes():
   with pytest.raises(jlora.LoraError, match=r"q_einsum/w: adapted with axes in role order "
                      r"\(0, 1, 2\).*axes=jlora.Axes\(inputs=\(1,\), outputs=\(0, 2\)\)"):
     jlora.export_peft(wrong, tempfile.mkdtemp(), module_path=maps.GEMMA_LIB)
+
+
+def test_bfloat16_adapters_round_trip():
+  from jlora.peft import maps
+  base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), decoder_tree())
+  p = jlora.lorify(base, 2, key=jax.random.key(1), targets=("q_proj", "k_proj", "v_proj"))
+  p = randomize_adapters(p, jax.random.key(2))
+  d = os.path.join(tempfile.mkdtemp(), "a")
+  jlora.export_peft(p, d, module_path=maps.PHI3)  # fused: computed in f32, stored bf16
+  tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
+  assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"}
+  back = jlora.import_peft(base, d, module_path=maps.PHI3)
+  assert back["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["lora_a"].dtype == jnp.bfloat16
+  with jax.numpy_dtype_promotion("standard"):
+    assert_trees_close(jax.tree.map(lambda x: x.astype(jnp.float32), jlora.merge(back)),
+                       jax.tree.map(lambda x: x.astype(jnp.float32), jlora.merge(p)),
+                       rtol=0.05, atol=0.05)
