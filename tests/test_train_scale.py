@@ -130,3 +130,20 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(info["losses"], ref_losses, rtol=1e-5)
     with np.load(tmp_path / f"process{i}.npz") as f:
       assert_same(dict(f), ref_adapters)
+
+
+def test_bad_calls_of_the_mesh_and_pmap_forms(tmp_path):
+  """On 2 devices: batches the device count does not divide, a batch not
+  placed for pmap, and a frozen half from another FSDP mesh are one
+  LoraError each, naming the leaf and the fix; no JAX sharding error."""
+  run_child("errors", "--out", str(tmp_path), devices=2)
+  results = json.loads((tmp_path / "errors.json").read_text())
+  assert {r["type"] for r in results.values()} == {"LoraError"}, results
+  assert "multiple of 2" in results["mesh_shard_odd"]["message"]
+  assert "batch['tokens']: shape (3, " in results["mesh_step_odd"]["message"]
+  assert "multiple of 2" in results["mesh_step_odd"]["message"]
+  assert "multiple of 2" in results["pmap_shard_odd"]["message"]
+  assert "expected a leading axis of 2" in results["pmap_step_unsharded"]["message"]
+  assert "trainer.shard_batch" in results["pmap_step_unsharded"]["message"]
+  other = results["fsdp_other_mesh"]["message"]
+  assert "placed for another mesh" in other and "{'data': 2}" in other

@@ -250,10 +250,43 @@ def save(out: str, hang: str | None) -> None:
     i += 1
 
 
+def errors(out: str) -> None:
+  """Bad calls of the mesh and pmap forms on 2 devices; writes, per case, the
+  exception type and message (``errors.json``)."""
+  import jax
+  import jax.numpy as jnp
+
+  import jlora
+  import train_case as tc
+  params = tc.lorified()
+  mesh2, mesh1 = _mesh(2), _mesh(1)
+  fsdp2 = jlora.train_step(tc.loss_fn, tc.optimizer(), params, mesh=mesh2, fsdp=True)
+  fsdp1 = jlora.train_step(tc.loss_fn, tc.optimizer(), params, mesh=mesh1, fsdp=True)
+  pmap = jlora.train_step(tc.loss_fn, tc.optimizer(), params, pmap=True)
+  odd = jax.tree.map(lambda x: x[:3], tc.batch(0))
+  cases = {
+      "mesh_shard_odd": lambda: fsdp2.shard_batch(odd),
+      "mesh_step_odd": lambda: fsdp2.step(*fsdp2.init(params), odd),
+      "fsdp_other_mesh": lambda: fsdp2.step(fsdp2.init(params)[0], fsdp1.init(params)[1],
+                                            fsdp2.shard_batch(tc.batch(0))),
+      "pmap_shard_odd": lambda: pmap.shard_batch(odd),
+      "pmap_step_unsharded": lambda: pmap.step(*pmap.init(params), tc.batch(0)),
+  }
+  results = {}
+  for name, call in cases.items():
+    try:
+      call()
+      results[name] = {"type": None, "message": ""}
+    except Exception as e:  # the test asserts the type
+      results[name] = {"type": type(e).__name__, "message": str(e)}
+  with open(os.path.join(out, "errors.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("mode", choices=["equivalence", "reshard", "multiprocess", "train",
-                                           "save"])
+                                           "save", "errors"])
   parser.add_argument("--out", required=True)
   parser.add_argument("--pid", type=int, default=0)
   parser.add_argument("--nproc", type=int, default=2)
@@ -272,6 +305,8 @@ def main(argv=None) -> None:
     multiprocess(args.out, args.pid, args.port, args.nproc)
   elif args.mode == "save":
     save(args.out, args.hang)
+  elif args.mode == "errors":
+    errors(args.out)
   else:
     train(args.out, args.steps, args.every, args.crash_at)
 

@@ -88,7 +88,7 @@ def pmap_form(body: Callable, tx, structure, *, donate: tuple[int, ...]) -> Trai
 
   return TrainStep(step=step, init=init, shard_batch=shard_batch, to_params=to_params,
                    mesh=None, state_sharding=None, frozen_sharding=None,
-                   batch_sharding=None)
+                   batch_sharding=None, pmap_devices=n)
 
 
 def mesh_form(body: Callable, tx, structure, params: Any, *, mesh: Mesh, fsdp: bool,

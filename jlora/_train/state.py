@@ -40,7 +40,9 @@ class TrainStep:
 
   Attributes:
     step: ``step(state, frozen, batch) -> (state, metrics)``, the compiled
-      step (``jax.jit`` or ``jax.pmap``; ``.lower`` works on it). ``state``
+      step (``jax.jit`` or ``jax.pmap``; ``.lower`` works on it) behind a
+      check of its arguments (a swapped state and frozen half, batches the
+      device count does not divide: a `LoraError` naming them). ``state``
       is donated. ``metrics`` holds ``"loss"`` (the mean over the batch, in
       f32) and, with ``has_aux``, ``"aux"``.
     mesh: the mesh of the mesh form, else ``None``.
@@ -52,8 +54,8 @@ class TrainStep:
   """
 
   def __init__(self, *, step, init, shard_batch, to_params, mesh, state_sharding,
-               frozen_sharding, batch_sharding, loss_fn=None):
-    self.step = CheckedStep(step, mesh)
+               frozen_sharding, batch_sharding, loss_fn=None, pmap_devices=None):
+    self.step = CheckedStep(step, mesh, pmap_devices)
     self._loss_fn = loss_fn
     self._init = init
     self._shard_batch = shard_batch
@@ -143,15 +145,27 @@ class CheckedStep:
   half swapped, or a params tree for the state, are named before JAX sees
   them. Everything else (``lower``, ``trace``, ...) is the compiled step's."""
 
-  def __init__(self, step, mesh):
+  def __init__(self, step, mesh, pmap_devices=None):
     self._step = step
     self._mesh = mesh
+    self._pmap_devices = pmap_devices
 
   def __getattr__(self, name):
     return getattr(self._step, name)
 
-  def _check(self, state, frozen) -> None:
+  def _check(self, state, frozen, batch) -> None:
     problems = Problems("jlora: bad arguments to trainer.step(state, frozen, batch)")
+    n = self._mesh.size if self._mesh is not None else self._pmap_devices
+    for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+      shape = tuple(getattr(x, "shape", ()))
+      where = f"batch{jax.tree_util.keystr(kp)}"
+      if self._pmap_devices is not None and (not shape or shape[0] != n):
+        problems.add(f"{where}: shape {shape}, expected a leading axis of {n} (one slice "
+                     "per local device); pass the batch through trainer.shard_batch")
+      elif self._mesh is not None and (not shape or shape[0] % n):
+        problems.add(f"{where}: shape {shape}; its rows are split over the mesh's {n} "
+                     f"devices, so make the batch size a multiple of {n} (and place it "
+                     "with trainer.shard_batch)")
     if not isinstance(state, TrainState):
       swapped = isinstance(frozen, TrainState)
       problems.add(f"state: got {type(state).__name__}, expected the jlora.TrainState "
@@ -164,7 +178,7 @@ class CheckedStep:
     problems.raise_if_any()
 
   def __call__(self, state, frozen, batch):
-    self._check(state, frozen)
+    self._check(state, frozen, batch)
     try:
       return self._step(state, frozen, batch)
     except ValueError as e:
@@ -179,5 +193,5 @@ class CheckedStep:
           "trainer.init(params)[0], and place batches with trainer.shard_batch")) from e
 
   def lower(self, state, frozen, batch, *args, **kwargs):
-    self._check(state, frozen)
+    self._check(state, frozen, batch)
     return self._step.lower(state, frozen, batch, *args, **kwargs)
