@@ -243,6 +243,10 @@ def test_restore_without_key_is_a_mismatch(trained):
   like, _ = trainer.init(params)  # no key: one leaf fewer
   with jlora.Checkpoints(directory) as ckpts, pytest.raises(jlora.LoraError, match=r"\.key"):
     ckpts.restore(like)
+  # The message names the cause (the key), not "another model".
+  with jlora.Checkpoints(directory) as ckpts, pytest.raises(
+      jlora.LoraError, match="differ only in the PRNG key, which only the checkpoint holds"):
+    ckpts.restore(like)
 
 
 @orbax_noise
@@ -519,3 +523,16 @@ def test_disk_full_during_a_training_save(tmp_path, one_step, monkeypatch):
   assert sorted(got) == sorted(want)
   for k in want:
     assert got[k].tobytes() == want[k].tobytes(), k
+
+
+def test_restore_across_forms_names_the_device_axis(tmp_path, one_step):
+  trainer, state = one_step
+  params = tc.lorified()
+  pmapped = jlora.train_step(tc.loss_fn, tc.optimizer(), params, pmap=True)
+  stacked, _ = pmapped.init(params, key=jax.random.key(5))
+  with jlora.Checkpoints(tmp_path, every=1) as ckpts:
+    ckpts.save(stacked, force=True)
+    ckpts.wait()
+    with pytest.raises(jlora.LoraError, match="leading axis on every array: one comes "
+                       "from the pmap form"):
+      ckpts.restore(state)

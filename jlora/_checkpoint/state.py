@@ -22,6 +22,24 @@ def _is_key(x: Any) -> bool:
   return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _cause(saved: dict[str, tuple], have: dict[str, tuple]) -> str:
+  """The likeliest reason a checkpoint and a target state differ, and its fix."""
+  only = set(saved) ^ set(have)
+  common = [p for p in saved if p in have and saved[p] != have[p]]
+  if only and all(p.endswith(".key") for p in only) and not common:
+    side = "the checkpoint" if any(p in saved for p in only) else "the target"
+    return (f"and the target differ only in the PRNG key, which only {side} holds; "
+            "build the target with the same key= to trainer.init as the saved run")
+  if common and not only and all(
+      saved[p][1:] == have[p] or have[p][1:] == saved[p] for p in common):
+    return ("and the target differ by a leading axis on every array: one comes from "
+            "the pmap form (a copy per device); restore with the form it was saved "
+            "with, or onto a target of that form")
+  return ("was written for another state (model, rank, targets or optimizer); "
+          "restore with the trainer it was saved with, or start a new checkpoint "
+          "directory")
+
+
 def check_state(state: Any, name: str, problems: Problems) -> None:
   """Adds a problem unless ``state`` is a `TrainState` (or shaped like one)."""
   from jlora._train.state import TrainState
@@ -253,10 +271,9 @@ class Checkpoints:
                  f"{t[3]!r} in the target" for e, t in zip(record["leaves"], template)
                  if e["key_impl"] != t[3]]
     if problems:
-      raise LoraError(problems, header=(
-          f"jlora: the checkpoint at {where} was written for another state (model, "
-          "rank, targets or optimizer); restore with the trainer it was saved with, "
-          "or start a new checkpoint directory"))
+      raise LoraError(problems, header=f"jlora: the checkpoint at {where} " + _cause(
+          {e["path"]: tuple(e["shape"]) for e in record["leaves"]},
+          {t[0]: t[1] for t in template}))
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     values = read_arrays(where, record["leaves"],
                           lambda i: template[i][4] or default,
