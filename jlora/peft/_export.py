@@ -30,6 +30,12 @@ def peft_methods() -> dict[str, type[Method]]:
   return dict(sorted(found.items()))
 
 
+def _names(methods: dict[str, type[Method]]) -> str:
+  """``"DoRA, IA3 or LoRA"``: the methods with a PEFT form, for messages."""
+  names = [cls.__name__ for cls in methods.values()]
+  return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
 def _get(tree: Any, path: Path) -> Any:
   for k in path:
     tree = tree[k]
@@ -46,8 +52,8 @@ def _select(entries, name, method, methods, problems):
         continue
       where = path_str(wpath)
       if type(m).peft_type is None:
-        problems.add(f"{where}: {m.describe()} has no PEFT form; export LoRA, DoRA or "
-                     "IA3 adapters only (give this one another name)")
+        problems.add(f"{where}: {m.describe()} has no PEFT form; export "
+                     f"{_names(methods)} adapters only (give this one another name)")
       elif m.stack:
         problems.add(f"{where}: weight of shape {tuple(weight.shape)} with {m.stack} "
                      f"stacked axes; PEFT holds one module per layer: unstack the layers "
@@ -166,7 +172,7 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
   if not found and not problems:
     have = sorted({f"{a.method.adapter_name} ({a.method.describe()})"
                    for e in entries.values() for a in e.adapters})
-    what = "LoRA, DoRA or IA3" if method is None else methods[method].__name__
+    what = _names(methods) if method is None else methods[method].__name__
     problems.add(f"the tree has no {what} adapter named {name!r}; adapters: {have}")
   _check_one_method(found, name, methods, problems)
   problems.raise_if_any()
