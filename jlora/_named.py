@@ -13,6 +13,7 @@ named ones (PEFT's ``add_weighted_adapter``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -68,13 +69,21 @@ def select(params: Any, names: str | Iterable[str]) -> Any:
     >>> sorted(jlora.select(p, "task2")["dense"])
     ['kernel', 'lora@task2', 'lora@task2_a', 'lora@task2_b']
   """
-  names = (names,) if isinstance(names, str) else tuple(names)
+  problems = Problems("jlora: cannot select adapters")
+  if isinstance(names, str):
+    names = (names,)
+  elif isinstance(names, (list, tuple, set, frozenset)):
+    names = tuple(names)
+  if not isinstance(names, tuple) or not names or not all(isinstance(n, str)
+                                                          for n in names):
+    problems.add(f"names: got {names!r}, expected an adapter name or a non-empty "
+                 "sequence of names such as ('default', 'task2')")
+    problems.raise_if_any()
   have = adapter_names(params)
   missing = [n for n in names if n not in have]
   if missing:
-    problems = Problems("jlora: cannot select adapters")
     problems.add(f"names {missing} match no adapter; the tree has {have}")
-    problems.raise_if_any()
+  problems.raise_if_any()
   return _drop(params, lambda m: m.adapter_name not in names)
 
 
@@ -210,8 +219,19 @@ def weighted_adapter(params: Any, weights: Mapping[str, float], *, name: str,
     problems.add(f"combination must be one of {COMBINATIONS}, got {combination!r}")
   if majority_sign not in ("total", "frequency"):
     problems.add(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
-  if not 0 < density <= 1:
+  if isinstance(density, bool) or not isinstance(density, numbers.Real) or \
+      not 0 < density <= 1:
     problems.add(f"density must be in (0, 1], got {density!r}")
+  if not isinstance(weights, Mapping):
+    problems.add(f"weights: got {weights!r}, expected {{adapter name: weight}}")
+    problems.raise_if_any()
+  for n, w in weights.items():
+    try:
+      ok = not isinstance(w, (bool, str, bytes)) and math.isfinite(float(w))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      problems.add(f"weights[{n!r}]: got {w!r}, expected a finite number")
   if rank is not None and (not isinstance(rank, int) or rank < 1):
     problems.add(f"rank must be a positive int, got {rank!r}")
   have = adapter_names(params)

@@ -211,3 +211,19 @@ def test_checkpoints(tmp_path):
     assert "like: got dict" in msg and "step: got '0'" in msg
     assert re.search(r"step 7 .*pick one of all_steps", error(ckpts.restore, state, step=7),
                      re.S) or "all_steps" in error(ckpts.restore, state, step=7)
+
+
+# -- named adapters and merge ------------------------------------------------------------
+
+def test_named_adapters_and_merge():
+  params = jlora.lorify(base(), 2, key=KEY, name="t1")
+  params = jlora.lorify(params, 2, key=KEY, name="t2")
+  for bad in (5, (), [3]):
+    assert "names: got" in error(jlora.select, params, bad, problems=1)
+  assert "['nope'] match no adapter" in error(jlora.select, params, ("t1", "nope"))
+  msg = error(jlora.weighted_adapter, params, {"t1": "x", "t2": float("nan")}, name="m",
+              density="half", problems=3)
+  assert "weights['t1']: got 'x'" in msg and "weights['t2']: got nan" in msg
+  assert "density must be in (0, 1]" in msg
+  assert "weights: got" in error(jlora.weighted_adapter, params, ["t1"], name="m")
+  assert "dtype: got 'foo'" in error(jlora.merge, params, dtype="foo")
