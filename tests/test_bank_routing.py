@@ -1,0 +1,104 @@
+"""A bank's routing paths (gather, onehot, segment, auto) against per-example references."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jlora
+from helpers import assert_trees_close, randomize_adapters
+from jlora.methods import bank as bank_lib
+
+PATHS = ("gather", "onehot", "segment")  # "auto" is one of them: test_auto_rule
+
+
+def model_fn(p, x):
+  """Dense layers on (batch, seq, d), a multi-axis (heads) kernel and a tied head.
+
+  Covers x·A·B with several free axes, kernels with two output and two input
+  axes, and an embedding's ``attend`` (x·Bᵀ·Aᵀ).
+  """
+  h = jnp.tanh(x @ p["w1"]["kernel"])                               # (b, t, 8)
+  q = jnp.einsum("btd,dhk->bthk", h, p["heads"]["kernel"])           # (b, t, 2, 3)
+  h = h + jnp.einsum("bthk,hkd->btd", jnp.sin(q), p["merge"]["kernel"])
+  return h @ p["embed"]["embedding"].T                                # (b, t, 11)
+
+
+def base():
+  ks = jax.random.split(jax.random.key(0), 4)
+  return {"w1": {"kernel": jax.random.normal(ks[0], (6, 8))},
+          "heads": {"kernel": 0.5 * jax.random.normal(ks[1], (8, 2, 3))},
+          "merge": {"kernel": 0.5 * jax.random.normal(ks[2], (2, 3, 8))},
+          "embed": {"embedding": jax.random.normal(ks[3], (11, 8))}}
+
+
+def trees(k_adapters):
+  ranks = [1 + (k % 3) for k in range(k_adapters)]  # ranks differ: zero-padded
+  return [randomize_adapters(
+      jlora.lorify(base(), r, key=jax.random.key(k), alpha=float(k + 1),
+                   axes={"merge": jlora.Axes(inputs=2), "w1|heads|embed": jlora.Axes(inputs=1)}), jax.random.key(50 + k))
+          for k, r in enumerate(ranks)]
+
+
+def run(path, fn, *args):
+  with bank_lib.routing(path):
+    return jax.jit(fn)(*args)  # a fresh jit: traced under this path
+
+
+@pytest.mark.parametrize("k_adapters", (1, 4))
+def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters):
+  ts = trees(k_adapters)
+  bank = jlora.stack_adapters(ts)
+  x = jax.random.normal(jax.random.key(1), (4, 3, 6))
+  index = jnp.asarray([3, 0, 3, 1][:4] if k_adapters > 1 else [0] * 4, jnp.int32)
+  fn = jlora.lora(model_fn)
+  merged = [jax.jit(jlora.merge)(t) for t in ts]
+  want = jnp.concatenate([model_fn(merged[int(k)], x[n:n + 1]) for n, k in enumerate(index)])
+  adapters, frozen = jlora.partition(bank)
+
+  def loss(a):
+    return jnp.sum(jnp.sin(fn(jlora.route(jlora.combine(a, frozen), index), x)))
+
+  def reference(a):  # each example alone, its adapter merged (gradient reference)
+    p = jlora.combine(a, frozen)
+    return sum(jnp.sum(jnp.sin(model_fn(jlora.merge(jlora.route(p, int(k))), x[n:n + 1])))
+               for n, k in enumerate(index.tolist()))
+
+  want_grad = jax.jit(jax.grad(reference))(adapters)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grad))
+  for path in PATHS:
+    got = run(path, lambda b, i, x: fn(jlora.route(b, i), x), bank, index, x)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))),
+                       what=path)
+    grad = run(path, jax.grad(loss), adapters)
+    assert_trees_close(grad, want_grad, rtol=1e-4, atol=1e-5 * scale, what=f"{path} grad")
+  # Padded rank columns get zero gradients on every path: they stay zero.
+  if k_adapters > 1:
+    g = run("onehot", jax.grad(loss), adapters)["w1"]["bank_a"]
+    assert not jnp.any(g[0, :, 1:])
+
+
+def test_paths_really_differ_in_the_compiled_program():
+  bank = jlora.stack_adapters(trees(4))
+  x = jnp.ones((4, 2, 6))
+  index = jnp.arange(4, dtype=jnp.int32)
+  texts = {}
+  for path in ("gather", "onehot", "segment"):
+    fn = lambda b, i, x: jlora.lora(model_fn)(jlora.route(b, i), x)  # noqa: E731
+    with bank_lib.routing(path):  # a new function: traced anew (jit caches per function)
+      texts[path] = str(jax.make_jaxpr(fn)(bank, index, x))
+  assert "ragged_dot" in texts["segment"] and "ragged_dot" not in texts["gather"]
+  assert texts["onehot"].count("gather") < texts["gather"].count("gather")
+
+
+def test_auto_rule_and_bad_path():
+  assert bank_lib.current_routing() == "auto"
+  w = bank_lib.ONEHOT_MAX_WIDTH
+  plan = None  # the rule needs only K and r
+  assert bank_lib._choose(plan, 1, 8) == "onehot"
+  assert bank_lib._choose(plan, w // 8, 8) == "onehot"
+  assert bank_lib._choose(plan, w // 8 + 1, 8) == "gather"
+  with bank_lib.routing("segment"):
+    assert bank_lib._choose(plan, 256, 8) == "segment"
+  with pytest.raises(jlora.LoraError, match="pass one of"):
+    with bank_lib.routing("ragged"):
+      pass
