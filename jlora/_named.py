@@ -113,7 +113,10 @@ def _drop(params: Any, drop) -> Any:
         gone.update(method.leaf_keys)
     if not gone:
       return mapping
-    return _tree.rebuild_mapping(mapping, {k: v for k, v in mapping.items() if k not in gone})
+    kept = {k: v for k, v in mapping.items() if k not in gone}
+    if isinstance(mapping, _tree.Holder) and len(kept) == 1:
+      return next(iter(kept.values()))  # no adapters left: the bare weight again
+    return _tree.rebuild_mapping(mapping, kept)
 
   return _tree.map_mappings(params, strip)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from jlora import _structure
+from jlora import _structure, _tree
 from jlora._tree import keypath_to_path, path_str
 
 
@@ -75,6 +75,8 @@ def summary(params: Any) -> Summary:
                       sum(math.prod(a.shape) for a in adapter.arrays)))
   counts = {"tp": 0, "n": 0, "tb": 0, "b": 0}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not _tree.is_array(leaf):  # an equinox Module's activation function, a flag
+      continue
     n = math.prod(leaf.shape)
     nbytes = n * leaf.dtype.itemsize
     counts["n"] += n

@@ -170,3 +170,20 @@ def test_trainable_in_a_module_is_refused_with_the_path():
     jlora.lorify(model, 2, key=KEY, targets=WEIGHTS,
                  trainable=lambda path, leaf: path == "layers/2/bias")
   assert "Linear" in str(e.value)
+
+
+def test_summary_names_and_optimizers_on_a_module():
+  model, apply, inputs = _mlp()
+  params = jlora.lorify(model, 2, key=KEY, targets=WEIGHTS, name="t1")
+  s = jlora.summary(params)
+  assert [r.path for r in s.rows] == ["layers/0/weight", "layers/1/weight",
+                                      "layers/2/weight"]
+  assert s.total_params == sum(x.size for x in jax.tree.leaves(_arrays(params)))
+  assert jlora.adapter_names(params) == ["t1"]
+  disabled = jlora.disable(params)
+  assert jax.tree.structure(disabled) == jax.tree.structure(model)
+  _close(apply(disabled, *inputs), apply(model, *inputs))
+  tx = jlora.adapters_only(optax.adam(1e-3), params)
+  state = tx.init(params)  # moments for the adapters only
+  adapters = sum(x.size for x in jax.tree.leaves(jlora.partition(params)[0]))
+  assert sum(x.size for x in jax.tree.leaves(state)) == 2 * adapters + 1
