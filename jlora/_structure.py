@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,6 +108,11 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
                      "remove the adapter or restore the weight")
         continue
       arrays, ok = [], True
+      bad = _bad_record(method, weight.shape)
+      if bad:
+        problems.add(f"{where}: the {type(method).__name__} record is damaged ({bad}); "
+                     "re-create the adapters with lorify, or load them with load_adapters")
+        continue
       expected = method.shapes(weight.shape)
       for leaf_key, shape in zip(method.leaf_keys, expected):
         arr = mapping.get(leaf_key)
@@ -143,6 +149,22 @@ def read(params: Any, *, what: str = "this tree") -> tuple[Any, dict[Path, Entry
   base = _tree.map_mappings(params, strip)
   problems.raise_if_any()
   return base, entries, trained
+
+
+def _bad_record(method: Method, weight_shape) -> str | None:
+  """What is wrong with a record's own fields (a rank that is a string), so
+  that a damaged record is not reported as adapters of another model."""
+  try:
+    method.describe()
+    shapes = method.shapes(weight_shape)
+  except Exception as e:  # fields of the wrong type
+    return f"{type(e).__name__}: {e}"
+  for shape in shapes:
+    if shape is not None and not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                                     for d in shape):
+      fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+      return f"its fields {fields} give the adapter shape {tuple(shape)}, not integers"
+  return None
 
 
 def orphans(path: Path, mapping: Mapping, problems: Problems) -> None:

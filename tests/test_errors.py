@@ -227,3 +227,15 @@ def test_named_adapters_and_merge():
   assert "density must be in (0, 1]" in msg
   assert "weights: got" in error(jlora.weighted_adapter, params, ["t1"], name="m")
   assert "dtype: got 'foo'" in error(jlora.merge, params, dtype="foo")
+
+
+def test_a_damaged_record_is_not_blamed_on_another_model():
+  import dataclasses
+  bad = lorified()
+  record = bad["params"]["query"]["lora"]
+  bad["params"]["query"]["lora"] = dataclasses.replace(record, rank="2")
+  msg = error(jlora.merge, bad, problems=1)
+  assert "params/query/lora: the LoRA record is damaged" in msg
+  assert "another model" not in msg
+  bad["params"]["query"]["lora"] = dataclasses.replace(record, alpha="x")
+  assert "the LoRA record is damaged" in error(jlora.summary, bad)
