@@ -6,6 +6,7 @@ The comparison against real PEFT is `tests/test_peft_oracle.py` (skipped
 here: it needs peft), and logit-level `experiments/peft_equivalence.py`.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -701,3 +702,48 @@ def test_bfloat16_adapters_round_trip():
     assert_trees_close(jax.tree.map(lambda x: x.astype(jnp.float32), jlora.merge(back)),
                        jax.tree.map(lambda x: x.astype(jnp.float32), jlora.merge(p)),
                        rtol=0.05, atol=0.05)
+
+
+def test_scan_stacked_layers_export_one_module_per_layer_and_back():
+  from jlora.peft import maps
+  layered = decoder_tree(layers=3)["params"]["model"]
+  stacked = {"params": {"model": {"layers": jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[layered[f"layers_{i}"] for i in range(3)])}}}
+  for add in (lambda b: jlora.lorify(b, {"v_proj": 3, ".*": 2}, key=jax.random.key(1),
+                                     targets=("q_proj", "v_proj", "down_proj"),
+                                     axes=jlora.Axes(stack=1)),
+              lambda b: jlora.dora(b, 2, key=jax.random.key(1), targets=("q_proj",),
+                                   axes=jlora.Axes(stack=1)),
+              lambda b: jlora.ia3(b, targets=("k_proj", "down_proj"),
+                                  feedforward=("down_proj",), axes=jlora.Axes(stack=1))):
+    p = randomize_adapters(add(stacked), jax.random.key(2))
+    d = os.path.join(tempfile.mkdtemp(), "a")
+    config = jlora.export_peft(p, d, module_path=maps.LLAMA)
+    assert any("model.layers.2." in m for m in config["target_modules"])
+    tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
+    # The same file as from the unstacked tree, layer by layer.
+    unstacked = {"params": {"model": {f"layers_{i}": jax.tree.map(lambda x: x[i], p["params"][
+        "model"]["layers"]) for i in range(3)}}}
+    for i in range(3):
+      for m in unstacked["params"]["model"][f"layers_{i}"].values():
+        for holder in m.values():
+          for k, v in list(holder.items()):
+            if isinstance(v, jlora.Method):
+              holder[k] = dataclasses.replace(v, stack=0)
+    e = os.path.join(tempfile.mkdtemp(), "a")
+    jlora.export_peft(unstacked, e, module_path=maps.LLAMA)
+    other = load_file(os.path.join(e, "adapter_model.safetensors"))
+    assert sorted(other) == sorted(tensors)
+    for key in tensors:
+      assert (tensors[key] == other[key]).all(), key
+    back = jlora.import_peft(stacked, d, module_path=maps.LLAMA)
+    assert_trees_close(jlora.merge(back), jlora.merge(p), rtol=1e-6, atol=1e-6)
+  # Adapters on some layers only (or of different ranks) cannot be one stacked adapter.
+  p = randomize_adapters(jlora.lorify(decoder_tree(layers=3), 2, key=jax.random.key(1),
+                                      targets=re.compile("layers_[01]/self_attn/q_proj")),
+                         jax.random.key(2))
+  d = os.path.join(tempfile.mkdtemp(), "a")
+  jlora.export_peft(p, d, module_path=maps.LLAMA)
+  with pytest.raises(jlora.LoraError, match=r"the file adapts layers \[0, 1\] of this "
+                     r"stacked weight's 3"):
+    jlora.import_peft(stacked, d, module_path=maps.LLAMA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -36,6 +37,33 @@ def _names(methods: dict[str, type[Method]]) -> str:
   return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
+def _per_layer(found, resolve, problems):
+  """``(path, method, arrays, weight, target)`` per torch module: a stacked
+  weight (``nn.scan``) under a ``{layer}`` rule gives one per layer."""
+  for wpath, m, arrays, weight in found:
+    target = resolve(wpath)
+    if target is None:
+      problems.add(f"{path_str(wpath)}: module_path maps {path_str(wpath[:-1])!r} to no "
+                   "torch module; extend the mapping")
+      continue
+    if not m.stack and not target.stacked:
+      yield wpath, m, arrays, weight, target
+      continue
+    layout = target.layout
+    if not target.stacked or m.stack != 1 or getattr(m, "layout", ()) or layout.fused \
+        or layout.split or layout.order:
+      problems.add(f"{path_str(wpath)}: weight of shape {tuple(weight.shape)} with "
+                   f"{m.stack} stacked axes; PEFT holds one module per layer: map it with "
+                   "a {layer} rule (one stacked axis in front, e.g. \"model.layers.{layer}."
+                   "self_attn.q_proj\") or unstack the layers first")
+      continue
+    one = dataclasses.replace(m, stack=0)
+    for layer in range(weight.shape[0]):
+      module = target.module.replace("{layer}", str(layer))
+      yield (wpath, one, tuple(np.asarray(a)[layer] for a in arrays), weight[layer],
+             dataclasses.replace(target, module=module, stacked=False))
+
+
 def _get(tree: Any, path: Path) -> Any:
   for k in path:
     tree = tree[k]
@@ -54,10 +82,6 @@ def _select(entries, name, method, methods, problems):
       if type(m).peft_type is None:
         problems.add(f"{where}: {m.describe()} has no PEFT form; export "
                      f"{_names(methods)} adapters only (give this one another name)")
-      elif m.stack:
-        problems.add(f"{where}: weight of shape {tuple(weight.shape)} with {m.stack} "
-                     f"stacked axes; PEFT holds one module per layer: unstack the layers "
-                     "into a tree of separate modules first")
       else:
         found.append((wpath, m, adapter.arrays, weight))
   return found
@@ -180,12 +204,7 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
   cls = type(found[0][1])
   modules: dict[str, tuple[Method, tuple, Any]] = {}
   fused: dict[str, dict[int, tuple]] = {}
-  for wpath, m, arrays, weight in found:
-    target = resolve(wpath)
-    if target is None:
-      problems.add(f"{path_str(wpath)}: module_path maps {path_str(wpath[:-1])!r} to no "
-                   "torch module; extend the mapping")
-      continue
+  for wpath, m, arrays, weight, target in _per_layer(found, resolve, problems):
     layout = target.layout
     if layout.order or layout.inputs:
       have = tuple(getattr(m, "layout", ()) or range(weight.ndim))

@@ -35,8 +35,9 @@ def _split_key(key: str) -> tuple[str, str] | None:
   return None
 
 
-def _index(base: Any, resolve) -> dict[str, list[tuple[Path, Any, Any]]]:
-  """``{torch module: [(weight path, weight, layout)]}`` over the base tree."""
+def _index(base: Any, resolve, layers: dict[str, int]) -> dict[str, list[tuple[Path, Any, Any]]]:
+  """``{torch module: [(weight path, weight, layout)]}`` over the base tree;
+  fills ``layers`` with the layer of each module of a stacked weight."""
   index: dict[str, list] = {}
   for path, mapping in _tree.iter_mappings(base):
     skip = _structure.adapter_keys(mapping)
@@ -45,6 +46,12 @@ def _index(base: Any, resolve) -> dict[str, list[tuple[Path, Any, Any]]]:
         continue
       target = resolve(path + (k,))
       if target is None:
+        continue
+      if target.stacked:
+        for layer in range(leaf.shape[0]):
+          module = target.module.replace("{layer}", str(layer))
+          index.setdefault(module, []).append((path + (k,), leaf, target.layout))
+          layers[module] = layer
         continue
       for module in target.parts or (target.module,):
         index.setdefault(module, []).append((path + (k,), leaf, target.layout))
@@ -132,7 +139,8 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
   problems.raise_if_any()
   cls = next(c for c in peft_methods().values() if c.peft_reads(config))
   resolve = _map.as_map(module_path)
-  index = _index(base_params, resolve)
+  layers: dict[str, int] = {}
+  index = _index(base_params, resolve, layers)
 
   by_module: dict[str, dict[str, np.ndarray]] = {}
   unused = []
@@ -147,6 +155,7 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
   full: dict[Path, np.ndarray] = {}          # leaf path -> new value
   trained: set[Path] = set()
   split: dict[Path, dict[str, dict]] = {}    # a split weight -> its modules' tensors
+  stacks: dict[Path, dict[int, tuple]] = {}  # a stacked weight -> its layers' tensors
   for module, found in sorted(by_module.items()):
     entries = index[module]
     rest = dict(found)
@@ -156,6 +165,9 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
     if not rest:
       continue
     wpath, weight, layout = entries[0]
+    if module in layers:
+      stacks.setdefault(wpath, {})[layers[module]] = (module, rest)
+      continue
     if layout.split:
       split.setdefault(wpath, {})[module] = rest
       continue
@@ -171,6 +183,10 @@ def import_peft(base_params: Any, directory: str | os.PathLike, *, module_path: 
         continue
       _place(method, arrays2, wpath, weight, inputs, plan, order=order, problems=problems)
     unused.extend(f"{_files.PREFIX}{module}.{s}" for s in rest)
+  for wpath, found in sorted(stacks.items(), key=lambda kv: path_str(kv[0])):
+    weight = next(w for path, w, _ in index[found[min(found)][0]] if path == wpath)
+    _stacked(cls, config, wpath, weight, found, name, plan, problems)
+    unused.extend(f"{_files.PREFIX}{m}.{s}" for m, rest in found.values() for s in rest)
   for wpath, modules in sorted(split.items(), key=lambda kv: path_str(kv[0])):
     weight = next(w for path, w, _ in index[next(iter(modules))] if path == wpath)
     _split(cls, config, wpath, weight, modules, resolve(wpath), name, plan, problems)
@@ -267,6 +283,40 @@ def _split(cls, config, wpath, weight, modules, target, name, plan, problems) ->
                  f"adapter: {e}")
     return
   _place(method, arrays2, wpath, weight, inputs, plan, order=order, problems=problems)
+
+
+def _stacked(cls, config, wpath, weight, found, name, plan, problems) -> None:
+  """One adapter per layer (``model.layers.{layer}...``) -> one adapter on the
+  stacked weight; every layer must have one, with the same settings."""
+  n_layers = weight.shape[0]
+  missing = [l for l in range(n_layers) if l not in found]
+  if missing:
+    problems.add(f"{path_str(wpath)}: the file adapts layers {sorted(found)} of this "
+                 f"stacked weight's {n_layers}, and a stacked adapter needs all; import "
+                 "onto an unstacked tree, or adapt every layer")
+    return
+  layer_shape = tuple(weight.shape[1:])
+  inputs = _inputs(layer_shape, found[0][1])
+  n_in, n_out = math.prod(layer_shape[:inputs]), math.prod(layer_shape[inputs:])
+  methods, arrays = [], []
+  for layer in range(n_layers):
+    module, rest = found[layer]
+    try:
+      m, arrays2 = cls.from_peft(config, module, rest, shape=(n_in, n_out), embedding=False,
+                                 name=name)
+    except ValueError as e:
+      problems.add(f"{path_str(wpath)} (layer {layer}): {e}")
+      return
+    m = dataclasses.replace(m, weight=wpath[-1], stack=0, inputs=inputs)
+    methods.append(m)
+    arrays.append(_arrays.from_2d(m, layer_shape, arrays2))
+  if any(m != methods[0] for m in methods):
+    problems.add(f"{path_str(wpath)}: the layers' adapters differ "
+                 f"({sorted({m.describe() for m in methods})}), and one stacked adapter "
+                 "has one rank and alpha; import onto an unstacked tree")
+    return
+  method = dataclasses.replace(methods[0], stack=1)
+  plan[wpath] = (method, tuple(np.stack(a) for a in zip(*arrays)))
 
 
 def _place(method, arrays2, wpath, weight, inputs, plan, *, order=(), problems=None) -> None:

@@ -9,8 +9,9 @@ a leading ``params/`` (Linen's collection) is optional.
 
 >>> m = ModuleMap((Rule("model/layers_{i}/mlp/{proj:up|down}/kernel",
 ...                     "model.layers.{i}.mlp.{proj}_proj"),))
->>> m.resolve(("params", "model", "layers_3", "mlp", "up", "kernel"))
-Target(module='model.layers.3.mlp.up_proj', layout=Linear(), param='weight', parts=())
+>>> t = m.resolve(("params", "model", "layers_3", "mlp", "up", "kernel"))
+>>> t.module, t.layout
+('model.layers.3.mlp.up_proj', Linear())
 >>> m.tree_path("model.layers.3.mlp.down_proj", "weight")
 ('model', 'layers_3', 'mlp', 'down', 'kernel')
 >>> m.resolve(("model", "layers_3", "mlp", "gate", "kernel")) is None
@@ -112,6 +113,7 @@ class Target:
   layout: Layout
   param: str = "weight"
   parts: tuple[str, ...] = ()  # the torch modules of a split layout, in order
+  stacked: bool = False  # ``module`` has a ``{layer}``: the weight's first axis
 
 
 def _choices(*templates: str) -> dict[str, str]:
@@ -146,6 +148,8 @@ class Rule:
       (without ``params/``), e.g. ``"model/layers_{i}/self_attn/{p}/kernel"``.
     torch: template of the torch module name, e.g.
       ``"model.layers.{i}.self_attn.{p}"``; every placeholder of ``tree``.
+      A ``{layer}`` that ``tree`` lacks marks a stacked weight (``nn.scan``):
+      its first axis is the layer, one torch module per entry.
     layout: `Linear` (the default), `Conv1D`, `Embedding`, or a fused part.
   """
 
@@ -164,6 +168,10 @@ class Rule:
                        "torch modules with a {part} placeholder in the torch template")
     if self.layout.split:
       torch_names = [n for n in torch_names if n != "part"]
+    stacked = "layer" in torch_names and "layer" not in tree_names
+    if stacked:
+      torch_names = [n for n in torch_names if n != "layer"]
+    object.__setattr__(self, "stacked", stacked)
     if sorted(set(tree_names)) != sorted(set(torch_names)):
       raise ValueError(f"Rule({self.tree!r}, {self.torch!r}): both templates must use "
                        f"the same placeholders, got {tree_names} and {torch_names}")
@@ -174,7 +182,8 @@ class Rule:
     m = self._tree_re.fullmatch(path)  # type: ignore[attr-defined]
     if m is None:
       return None
-    fill = lambda p: "{part}" if p.group(1) == "part" else m.group(p.group(1))  # noqa: E731
+    keep = ("part", "layer") if self.stacked else ("part",)
+    fill = lambda p: "{%s}" % p.group(1) if p.group(1) in keep else m.group(p.group(1))  # noqa: E731
     return _PLACEHOLDER.sub(fill, self.torch)
 
   def match_torch(self, module: str) -> str | None:
@@ -207,7 +216,8 @@ class ModuleMap:
       module = rule.match_tree(where)
       if module is not None:
         parts = tuple(module.replace("{part}", p) for p in rule.layout.split)
-        return Target(parts[0] if parts else module, rule.layout, parts=parts)
+        return Target(parts[0] if parts else module, rule.layout, parts=parts,
+                      stacked=rule.stacked)
     return None
 
   def tree_path(self, module: str, param: str = "weight") -> Path | None:

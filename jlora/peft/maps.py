@@ -46,6 +46,9 @@ LLAMA = ModuleMap((
     Rule(f"model/layers_{{i}}/mlp/{{p:{_MLP}}}/kernel", "model.layers.{i}.mlp.{p}"),
     Rule("lm_head/kernel", "lm_head"),
     Rule("score/kernel", "score"),
+    # The same layers stacked by nn.scan (a leading layer axis): one module each.
+    Rule(f"model/layers/self_attn/{{p:{_ATTN}}}/kernel", "model.layers.{layer}.self_attn.{p}"),
+    Rule(f"model/layers/mlp/{{p:{_MLP}}}/kernel", "model.layers.{layer}.mlp.{p}"),
 ), task_type="CAUSAL_LM", name="LLaMA")
 MISTRAL = QWEN2 = QWEN3 = GEMMA2 = GEMMA3 = LLAMA
 
