@@ -118,7 +118,12 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
   raised once), target selection, keys, and the tree rebuild.
 
   Args:
-    params: a tree of arrays (may already hold other adapters).
+    params: a tree of arrays (may already hold other adapters): dicts, and
+      any pytree node (NamedTuples, dataclasses, ``equinox.Module``\\ s). A
+      weight whose holder is not a mapping is replaced by a
+      `jlora._tree.Holder` of it and its adapters, which `merge` and `lora`
+      turn back into the bare weight. Non-array leaves outside mappings (an
+      equinox activation function) are left alone.
     make: ``make(path, weight) -> Method`` for each chosen weight; it may raise
       ``ValueError``, whose message becomes one of the collected problems.
     key: a PRNG key, split over the chosen weights for `Method.create`.
@@ -132,7 +137,22 @@ def add_adapters(params: Any, make: Callable[[Path, Any], Method], *,
     The tree with the adapters added.
 
   Raises:
-    LoraError: every problem found, at once.
+    LoraError: every problem found, at once: bad options, targets that pick
+      nothing, keys the method would write that the tree already uses.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> from typing import NamedTuple
+    >>> class Layer(NamedTuple):
+    ...   weight: jax.Array
+    >>> tree = {"layer": Layer(jnp.ones((4, 3)))}
+    >>> make = lambda path, w: jlora.LoRA(rank=2, alpha=2.0, weight=path[-1], inputs=1)
+    >>> lorified = jlora.add_adapters(tree, make, key=jax.random.key(0),
+    ...                               targets=lambda path, leaf: path.endswith("weight"))
+    >>> jax.tree.map(jnp.shape, lorified)["layer"].weight
+    Holder({'weight': (4, 3), 'weight_lora': LoRA(rank=2, alpha=2, weight='weight'), 'weight_lora_a': (4, 2), 'weight_lora_b': (2, 3)})
+    >>> jax.tree.structure(jlora.merge(lorified)) == jax.tree.structure(tree)
+    True
   """
   problems = Problems(f"jlora: cannot add {what}") if problems is None else problems
   callers = bool(problems)
