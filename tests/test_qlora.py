@@ -316,3 +316,13 @@ def test_lorify_adapters_in_a_chosen_dtype():
   assert lq["params"]["up"]["lora_a"].dtype == jnp.bfloat16
   assert lq["params"]["up"]["kernel"] is q["params"]["up"]["kernel"]
   assert jlora.summary(lq) is not None
+
+
+def test_export_peft_writes_the_same_adapters(tmp_path):
+  """The adapters of a quantized tree export exactly as on its float base."""
+  tree = _tree(MLP(), X, "nf4")
+  names = {"params/up": "model.up", "params/down": "model.down"}
+  jlora.export_peft(tree, tmp_path / "q", module_path=names)
+  jlora.export_peft(jlora.dequantize(tree), tmp_path / "f", module_path=names)
+  for f in ("adapter_config.json", "adapter_model.safetensors"):
+    assert (tmp_path / "q" / f).read_bytes() == (tmp_path / "f" / f).read_bytes()

@@ -180,8 +180,17 @@ def _encode_nf4(blocks, stack, double_quant):
   return {"codes": _pack_pairs(codes), **_encode_scales(absmax, stack, double_quant)}
 
 
+def _nf4_values(codes):
+  """`NF4`[codes] as a chain of selects: elementwise, so XLA fuses it with
+  the unpacking and the scaling (a gather from the table may not fuse)."""
+  values = jnp.full(codes.shape, NF4[-1], jnp.float32)
+  for i in range(len(NF4) - 2, -1, -1):
+    values = jnp.where(codes == i, jnp.float32(NF4[i]), values)
+  return values
+
+
 def _decode_nf4(arrays, block_size):
-  values = jnp.asarray(NF4, jnp.float32)[_unpack_pairs(arrays["codes"])]
+  values = _nf4_values(_unpack_pairs(arrays["codes"]))
   return values * scales(arrays, "codes")[..., None]
 
 

@@ -174,29 +174,55 @@ def _zero_cotangent(x):
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
+def _dependency(values) -> Any:
+  """The first non-empty plain numeric array among ``values``, or None."""
+  for v in jax.tree.leaves(values):
+    if (isinstance(v, (jax.Array, np.ndarray)) and v.size
+        and jnp.dtype(v.dtype).kind in "biuf" and jnp.dtype(v.dtype).itemsize in (1, 2, 4, 8)):
+      return v
+  return None
+
+
+def after(dep: Any, lazies: Any) -> Any:
+  """``lazies``, available only once ``dep`` is: their stored arrays go
+  through a ``lax.cond`` on a predicate of ``dep`` that is always true
+  (``bits | 1 != 0``) but that XLA cannot evaluate early, so no part of the
+  dequantization that reads them can be scheduled before ``dep`` exists.
+  (It copies the packed arrays, a seventh of the float weight for NF4.)"""
+  leaves, treedef = jax.tree.flatten(lazies)
+  if dep is None or not leaves:
+    return lazies
+  first = jnp.ravel(dep)[0]
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(first.dtype).itemsize]
+  bits = first.astype(jnp.uint8) if first.dtype == jnp.bool_ else \
+      lax.bitcast_convert_type(first, width)
+  pred = (bits | 1) != 0
+  leaves = lax.cond(pred, lambda a: a, lambda a: [jnp.zeros_like(x) for x in a], leaves)
+  return jax.tree.unflatten(treedef, leaves)
+
+
 def recomputed(use: Callable, arrays: list, lazies: list):
   """``use(arrays, lazies)``, dequantizing in the forward and again in the
   backward pass, never keeping the dequantized weight in between.
 
-  ``jax.checkpoint`` alone is not enough: its recomputation depends only on
-  the weight's stored arrays, so XLA may schedule every layer's
-  recomputation at the start of the backward pass and hold them all. Here
-  each dequantization is tied by an optimization barrier to the value that
+  ``jax.checkpoint`` alone is not enough: a dequantization depends only on
+  the weight's stored arrays, so XLA (on CPU, which drops optimization
+  barriers before scheduling) may run every layer's at the start of the step
+  and hold them all. Here each one waits (`after`) for the value that
   arrives just before its use: the activations in the forward pass, the
   incoming cotangent in the backward pass. The quantized weights get zero
   cotangents (they are frozen).
   """
   @jax.custom_vjp
   def run(arrays, lazies):
-    arrays, lazies = lax.optimization_barrier((arrays, lazies))
-    return use(arrays, lazies)
+    return use(arrays, after(_dependency(arrays), lazies))
 
   def fwd(arrays, lazies):
     return run(arrays, lazies), (arrays, lazies)
 
   def bwd(res, g):
     arrays, lazies = res
-    arrays, lazies, g = lax.optimization_barrier((arrays, lazies, g))
+    lazies = after(_dependency(g), lazies)
     _, vjp = jax.vjp(lambda a: use(a, lazies), arrays)
     (d_arrays,) = vjp(g)
     return d_arrays, jax.tree.map(_zero_cotangent, lazies)
