@@ -21,6 +21,7 @@ from jlora.methods.bank import Bank as Bank
 from jlora.methods.bank import route as route
 from jlora.methods.bank import stack_adapters as stack_adapters
 from jlora._targets import Axes as Axes
+from jlora._infer import infer_axes as infer_axes
 from jlora._structure import FullyTrainable as FullyTrainable
 # Running, merging, inspecting.
 from jlora._runtime import FactoredFallbackWarning as FactoredFallbackWarning
@@ -62,7 +63,7 @@ __all__ = (
     "FullyTrainable", "IA3", "LoRA", "LoraError", "Method", "Summary",
     "TrainState", "TrainStep", "adapter_names", "adapters_only", "add_adapters",
     "combine", "disable", "dora", "export_peft", "freeze", "frozen_mask", "ia3",
-    "import_peft", "load_adapters", "lora", "lorify", "merge", "partition",
+    "import_peft", "infer_axes", "load_adapters", "lora", "lorify", "merge", "partition",
     "route", "save_adapters", "select", "stack_adapters", "summary", "ties",
     "train_step", "trainable_mask", "weighted_adapter",
     "Quantized", "dequantize", "quant", "quantize",

@@ -83,12 +83,10 @@ class Adapted:
 
 def enter(weight: jax.Array, entry: _structure.Entry) -> Adapted:
   """The in-flight value of one adapted weight, with fresh labels."""
-  first = entry.adapters[0].method
-  s, i = first.stack, first.inputs
   tag = _labels.fresh("")
-  labels = tuple(f"s{k}_{tag}" for k in range(s)) + tuple(
-      f"i{k}_{tag}" for k in range(i)) + tuple(
-          f"o{k}_{tag}" for k in range(weight.ndim - s - i))
+  # One label per kernel axis; the method's layout tells which are stacked,
+  # inputs and outputs (`Method.weight_labels`).
+  labels = tuple(f"w{k}_{tag}" for k in range(weight.ndim))
   # The base weight is frozen by definition: no dense gradient is ever formed.
   weight = _lazy.stop_gradient(_lazy.enter(weight))
   terms: list[Term] = []

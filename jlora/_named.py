@@ -259,12 +259,12 @@ def weighted_adapter(params: Any, weights: Mapping[str, float], *, name: str,
       problems.add(f"{where}: {bad} are not LoRA adapters; only LoRA adapters combine")
       continue
     m0 = chosen[0][0]
-    if {(m.stack, m.inputs) for m, _, _ in chosen} != {(m0.stack, m0.inputs)}:
+    if {(m.stack, m.inputs, m.layout) for m, _, _ in chosen} != {
+        (m0.stack, m0.inputs, m0.layout)}:
       problems.add(f"{where}: the adapters split this weight's axes differently")
       continue
-    a_shape_w = entry.weight.shape
-    n_in = math.prod(a_shape_w[m0.stack:m0.stack + m0.inputs])
-    n_out = math.prod(a_shape_w[m0.stack + m0.inputs:])
+    stack_shape, in_shape, out_shape = m0.split_shape(entry.weight.shape)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     As = [_matrix(m, arrs[0], "a") for m, arrs, _ in chosen]
     Bs = [_matrix(m, arrs[1], "b") for m, arrs, _ in chosen]
     if combination == "linear":
@@ -290,12 +290,9 @@ def weighted_adapter(params: Any, weights: Mapping[str, float], *, name: str,
       target = min(rank or max(m.rank for m, _, _ in chosen), n_in, n_out)
       a, b = _svd_factors(delta, target)
     r = a.shape[2]
-    stack_shape = a_shape_w[:m0.stack]
-    in_shape = a_shape_w[m0.stack:m0.stack + m0.inputs]
-    out_shape = a_shape_w[m0.stack + m0.inputs:]
     dtype = chosen[0][1][0].dtype
     method = LoRA(rank=r, alpha=float(r), weight=m0.weight, stack=m0.stack,
-                  inputs=m0.inputs, order=max(x.method.order for x in entry.adapters) + 1,
+                  inputs=m0.inputs, layout=m0.layout, order=max(x.method.order for x in entry.adapters) + 1,
                   name=name)
     new[wpath] = (method, a.reshape(stack_shape + in_shape + (r,)).astype(dtype),
                   b.reshape(stack_shape + (r,) + out_shape).astype(dtype))

@@ -19,34 +19,80 @@ STANDARD_WEIGHTS = ("kernel", "embedding")  # what the default targets adapt
 Targets = Union[None, Sequence[str], "re.Pattern[str]", Callable[[str, Any], bool]]
 
 
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_indices(x: Any) -> bool:
+  return isinstance(x, (tuple, list)) and all(_is_int(k) for k in x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Axes:
   """How a weight's axes split into stacked, input and output axes.
 
+  Two forms. By count, for weights stored stack, inputs, outputs in that
+  order (Flax's ``Dense``, ``Conv``, ``DenseGeneral``)::
+
+    Axes(stack=1)             # an nn.scan stack: layer axis first
+    Axes(inputs=2)            # (heads, head_dim, d): two input axes
+
+  By axis index, for any layout (``A`` always gets the stacked + input axes +
+  rank, ``B`` the stacked axes + rank + output axes, whatever their order in
+  the kernel)::
+
+    Axes(inputs=(1,), outputs=(0,))          # equinox Linear.weight (out, in)
+    Axes(inputs=(1,), outputs=(0, 2))        # gemma q_einsum (N, D, H)
+    Axes(stack=(0,), inputs=(2,), outputs=(1, 3))
+
   Attributes:
     stack: leading axes that index layers (``nn.scan`` / ``nn.vmap``-stacked
-      kernels); they stay in front of both A and B.
-    inputs: input axes after the stacked ones (the rest are outputs). ``None``
-      infers it (see `infer_inputs`): right for ``Dense`` (1), ``Conv``
-      (window + in features), and ``DenseGeneral`` attention kernels
-      ``(d, heads, head_dim)`` (1) and ``(heads, head_dim, d)`` (2) when
-      ``heads * head_dim == d``. State it for anything else.
+      kernels), a count; or a tuple of axis indices. They stay in front of
+      both A and B.
+    inputs: input axes after the stacked ones (the rest are outputs), a
+      count; or a tuple of axis indices. ``None`` infers the count (see
+      `infer_inputs`): right for ``Dense`` (1), ``Conv`` (window + in
+      features), and ``DenseGeneral`` attention kernels ``(d, heads,
+      head_dim)`` (1) and ``(heads, head_dim, d)`` (2) when ``heads *
+      head_dim == d``. State it for anything else.
+    outputs: with index form, the output axes (``None``: every axis that is
+      neither stacked nor an input).
   """
 
-  stack: int = 0
-  inputs: int | None = None
+  stack: int | tuple[int, ...] = 0
+  inputs: int | tuple[int, ...] | None = None
+  outputs: tuple[int, ...] | None = None
 
   def __post_init__(self):
     problems = []
-    if isinstance(self.stack, bool) or not isinstance(self.stack, numbers.Integral) \
-        or self.stack < 0:
-      problems.append(f"stack must be an int >= 0, got {self.stack!r}")
-    if self.inputs is not None and (isinstance(self.inputs, bool) or not isinstance(
-        self.inputs, numbers.Integral) or self.inputs < 1):
-      problems.append(f"inputs must be None (infer) or an int >= 1, got {self.inputs!r}; "
-                      "a weight needs at least one input axis")
+    for name in ("stack", "inputs", "outputs"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+    stack, inputs, outputs = self.stack, self.inputs, self.outputs
+    if not (_is_int(stack) and stack >= 0) and not _is_indices(stack):
+      problems.append(f"stack must be an int >= 0 or a tuple of axis indices, got "
+                      f"{stack!r}")
+    if inputs is not None and not (_is_int(inputs) and inputs >= 1) \
+        and not (_is_indices(inputs) and len(inputs) >= 1):
+      problems.append(f"inputs must be None (infer), an int >= 1 or a non-empty tuple of "
+                      f"axis indices, got {inputs!r}; a weight needs at least one input "
+                      "axis")
+    if outputs is not None and not (_is_indices(outputs) and len(outputs) >= 1):
+      problems.append(f"outputs must be None or a non-empty tuple of axis indices, got "
+                      f"{outputs!r}")
+    if outputs is not None and not _is_indices(inputs):
+      problems.append("outputs= needs inputs= as a tuple of axis indices too, e.g. "
+                      "Axes(inputs=(1,), outputs=(0,))")
+    if _is_indices(inputs) and _is_int(stack) and stack:
+      problems.append(f"with inputs as axis indices, give stack as indices too, e.g. "
+                      f"stack={tuple(range(stack))}")
     if problems:
       raise LoraError(problems, header="jlora: bad Axes")
+
+  @property
+  def by_index(self) -> bool:
+    return _is_indices(self.inputs)
 
 
 def check_axes(axes: Any, problems) -> None:
@@ -58,14 +104,17 @@ def check_axes(axes: Any, problems) -> None:
   problems.add(f"axes must be jlora.Axes or a {{regex: Axes}} mapping, got {axes!r}")
 
 
-def placement(path: Path, leaf: Any, axes: Any) -> tuple[int, int]:
-  """``(stack, inputs)`` of one weight from ``axes`` (inferred where unsaid).
+def placement(path: Path, leaf: Any, axes: Any) -> tuple[int, int, tuple[int, ...]]:
+  """``(stack, inputs, layout)`` of one weight from ``axes``, inferred where
+  unsaid; ``layout`` is as in `jlora.Method` (``()``: already in role order).
 
   Raises:
     ValueError: a layout that does not fit the weight's shape.
   """
   where = path_str(path)
   ax = Axes() if axes is None else per_path(axes, where, name="axes")
+  if ax.by_index:
+    return _placement_by_index(where, leaf, ax)
   if ax.stack >= leaf.ndim - 1:
     raise ValueError(f"{where}: Axes(stack={ax.stack}) leaves fewer than 2 axes of "
                      f"shape {tuple(leaf.shape)}; lower `stack`")
@@ -74,7 +123,32 @@ def placement(path: Path, leaf: Any, axes: Any) -> tuple[int, int]:
     raise ValueError(f"{where}: Axes(inputs={inputs}) does not fit shape "
                      f"{tuple(leaf.shape)} with stack={ax.stack}: it needs at least one "
                      "output axis")
-  return ax.stack, inputs
+  return ax.stack, inputs, ()
+
+
+def _placement_by_index(where: str, leaf: Any, ax: Axes) -> tuple[int, int, tuple[int, ...]]:
+  n = leaf.ndim
+  stack = tuple(range(ax.stack)) if _is_int(ax.stack) else tuple(ax.stack)
+  given = stack + tuple(ax.inputs) + tuple(ax.outputs or ())
+  normal = [k % n if -n <= k < n else None for k in given]
+  if None in normal or len(set(normal)) != len(normal):
+    raise ValueError(f"{where}: {ax} names axes outside range({n}) or twice, for shape "
+                     f"{tuple(leaf.shape)}; name each axis once")
+  stack = tuple(k % n for k in stack)
+  inputs = tuple(k % n for k in ax.inputs)
+  if ax.outputs is None:
+    outputs = tuple(k for k in range(n) if k not in stack + inputs)
+  else:
+    outputs = tuple(k % n for k in ax.outputs)
+  missing = sorted(set(range(n)) - set(stack + inputs + outputs))
+  if missing:
+    raise ValueError(f"{where}: {ax} leaves axes {missing} of shape {tuple(leaf.shape)} "
+                     "without a role; add them to stack, inputs or outputs")
+  if not outputs:
+    raise ValueError(f"{where}: {ax} leaves no output axis of shape "
+                     f"{tuple(leaf.shape)}; a weight needs one")
+  layout = stack + inputs + outputs
+  return len(stack), len(inputs), (() if layout == tuple(range(n)) else layout)
 
 
 def infer_inputs(shape: Sequence[int], stack: int) -> int:
@@ -94,10 +168,15 @@ def infer_inputs(shape: Sequence[int], stack: int) -> int:
 def per_path(value: Any, path: str, *, name: str) -> Any:
   """A value given once or as ``{regex: value}``; the first match wins.
 
+  A key equal to ``path`` itself (as `jlora.infer_axes` returns) wins over
+  every pattern.
+
   Raises:
     KeyError: when a mapping has no pattern matching ``path``.
   """
   if isinstance(value, Mapping):
+    if path in value:
+      return value[path]
     for pattern, v in value.items():
       try:
         hit = re.search(pattern, path)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from jax import lax
+
 from jlora import _labels
 from jlora._adapted import Adapted
 from jlora._runtime.registry import bind, fallback, rule
 from jlora.methods.base import ConvUse, DotUse, GatherUse
+from jlora.quant import _lazy
 
 
 class Unsupported(Exception):
@@ -97,19 +100,38 @@ def conv(ctx, eqn, invals):
     return fallback(ctx, eqn, invals)
 
 
+def _whole_slices_unindexed(eqn, shape, indices):
+  """The gather's params and indices with every axis that is sliced whole
+  dropped from ``start_index_map`` (its start can only be 0).
+
+  ``jax.vmap(lambda t: W[t])(ids)`` indexes both axes of ``W``, the feature
+  axis with a full-size slice; without it the gather is an ``Embed`` lookup.
+  """
+  p = eqn.params
+  dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+  modes = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  whole = [k for k, d in enumerate(dn.start_index_map)
+           if sizes[d] == shape[d] and d not in dn.collapsed_slice_dims]
+  keep = [k for k in range(len(dn.start_index_map)) if k not in whole]
+  if not whole or not keep or dn.operand_batching_dims or p.get("mode") not in modes:
+    return dict(p), indices
+  dn = dn._replace(start_index_map=tuple(dn.start_index_map[k] for k in keep))
+  return dict(p, dimension_numbers=dn), indices[..., keep]
+
+
 @rule("gather")
 def gather(ctx, eqn, invals):
   ad, indices = invals
   if not isinstance(ad, Adapted) or isinstance(indices, Adapted):
     return fallback(ctx, eqn, invals)
+  params, indices = _whole_slices_unindexed(eqn, ad.w.shape, indices)
 
-  def bind_with(operand, idx, **overrides):
-    params = dict(eqn.params, **overrides)
-    return eqn.primitive.bind(operand, idx, **params)
+  def bind_with(operand, idx, **overrides):  # a quantized operand: at its use
+    return _lazy.bind_params(eqn.primitive, dict(params, **overrides), [operand, idx])
 
-  use = GatherUse(indices, ad.labels, eqn.params["dimension_numbers"],
-                  tuple(eqn.params["slice_sizes"]), bind_with)
+  use = GatherUse(indices, ad.labels, params["dimension_numbers"],
+                  tuple(params["slice_sizes"]), bind_with)
   try:
-    return apply_terms(ad, "gather", use, lambda: bind(eqn, [ad.w, indices]))()
+    return apply_terms(ad, "gather", use, lambda: bind_with(ad.w, indices))()
   except Unsupported:
     return fallback(ctx, eqn, invals)

@@ -58,6 +58,7 @@ class Bank(Method):
   leaves = ("a", "b", "index")
 
   def __post_init__(self):  # tuples, also when rebuilt from JSON lists
+    super().__post_init__()
     object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
     object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
     object.__setattr__(self, "dropouts", tuple(float(p) for p in self.dropouts))
@@ -392,7 +393,7 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
   banks: dict[Path, tuple[Bank, jax.Array, jax.Array]] = {}
   for path, m0 in methods0.items():
     ms = [r[1][path] for r in read]
-    layouts = {(m.stack, m.inputs, m.weight) for m in ms}
+    layouts = {(m.stack, m.inputs, m.layout, m.weight) for m in ms}
     if len(layouts) > 1:
       problems.add(f"{path_str(path)}: the trees split this weight's axes differently "
                    f"({sorted(layouts)}); use the same axes in every lorify")
@@ -409,7 +410,8 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
       a_list.append(jnp.pad(a, pad_a))
       b_list.append(jnp.pad(b, pad_b))
     bank = Bank(ranks=tuple(m.rank for m in ms), scales=tuple(m.scale for m in ms),
-                weight=m0.weight, stack=m0.stack, inputs=m0.inputs, name=name,
+                weight=m0.weight, stack=m0.stack, inputs=m0.inputs, layout=m0.layout,
+                name=name,
                 dropouts=tuple(m.dropout for m in ms) if any(m.dropout for m in ms) else ())
     banks[path] = (bank, jnp.stack(a_list), jnp.stack(b_list))
   problems.raise_if_any()

@@ -153,6 +153,11 @@ class Method:
       apply in increasing order.
     name: the adapter's name; ``"default"`` keeps the plain prefix, any other
       gives ``prefix@name`` keys (several adapters on one weight).
+    layout: the weight's axes in role order, stacked then inputs then outputs
+      (``(1, 0)`` for an ``(out, in)`` weight such as equinox's
+      ``Linear.weight``); ``()`` when the weight is already in that order.
+      Adapter arrays are always in role order: ``A`` is stack + inputs +
+      rank, ``B`` stack + rank + outputs.
   """
 
   weight: str = "kernel"
@@ -160,6 +165,10 @@ class Method:
   inputs: int = 1
   order: int = 0
   name: str = DEFAULT_NAME
+  layout: tuple[int, ...] = ()
+
+  def __post_init__(self):  # a tuple, also when rebuilt from a JSON list
+    object.__setattr__(self, "layout", tuple(int(k) for k in self.layout))
 
   prefix: ClassVar[str]
   leaves: ClassVar[tuple[str, ...]]
@@ -211,15 +220,32 @@ class Method:
     return self.leaves
 
   # -- layout -----------------------------------------------------------
+  def in_role_order(self, items: Sequence[Any]) -> tuple:
+    """The weight's axes (labels or sizes) reordered by `layout`."""
+    items = tuple(items)
+    return tuple(items[k] for k in self.layout) if self.layout else items
+
   def weight_labels(self, labels: Sequence[str]) -> WeightLabels:
     s, i = self.stack, self.inputs
-    labels = tuple(labels)
+    labels = self.in_role_order(labels)
     return WeightLabels(labels[:s], labels[s:s + i], labels[s + i:])
 
   def split_shape(self, shape: Sequence[int]):
+    """``(stack, inputs, outputs)`` sizes of a weight of this ``shape``."""
     s, i = self.stack, self.inputs
-    shape = tuple(shape)
+    shape = self.in_role_order(shape)
     return shape[:s], shape[s:s + i], shape[s + i:]
+
+  def to_role_order(self, weight: jax.Array) -> jax.Array:
+    """``weight`` transposed into role order (stack, inputs, outputs)."""
+    return weight.transpose(self.layout) if self.layout else weight
+
+  def from_role_order(self, weight: jax.Array) -> jax.Array:
+    """The inverse of `to_role_order`."""
+    if not self.layout:
+      return weight
+    inverse = sorted(range(len(self.layout)), key=self.layout.__getitem__)
+    return weight.transpose(inverse)
 
   # -- hooks ------------------------------------------------------------
   def shapes(self, weight_shape: Sequence[int]) -> tuple[tuple[int, ...] | None, ...]:
@@ -365,11 +391,11 @@ def check_rate(value: Any, name: str, problems) -> None:
     problems.add(f"{name} must be a number in [0, 1), got {value!r}")
 
 
-def check_rank_fits(where: str, rank: int, shape: Sequence[int], stack: int,
-                    inputs: int) -> None:
-  """Raises ValueError when ``rank > min(in, out)`` for a weight of ``shape``."""
-  n_in = math.prod(shape[stack:stack + inputs])
-  n_out = math.prod(shape[stack + inputs:])
-  if rank > min(n_in, n_out):
-    raise ValueError(f"{where}: rank {rank} > min(in={n_in}, out={n_out}); lower the "
-                     "rank or exclude this path")
+def check_rank_fits(where: str, method: Any, shape: Sequence[int]) -> None:
+  """Raises ValueError when ``method.rank > min(in, out)`` for a weight of
+  ``shape`` under ``method``'s layout."""
+  _, inputs, outputs = method.split_shape(shape)
+  n_in, n_out = math.prod(inputs), math.prod(outputs)
+  if method.rank > min(n_in, n_out):
+    raise ValueError(f"{where}: rank {method.rank} > min(in={n_in}, out={n_out}); lower "
+                     "the rank or exclude this path")

@@ -52,7 +52,8 @@ class DoRA(Method):
   @property
   def lora(self) -> LoRA:
     return LoRA(rank=self.rank, alpha=self.alpha, weight=self.weight, stack=self.stack,
-                inputs=self.inputs, rslora=self.rslora, dropout=self.dropout)
+                inputs=self.inputs, layout=self.layout, rslora=self.rslora,
+                dropout=self.dropout)
 
   @property
   def scale(self) -> float:
@@ -68,8 +69,8 @@ class DoRA(Method):
   def create(self, key, weight, *, dtype):
     (a, b), _ = self.lora.create(key, weight, dtype=dtype)
     s, i, _ = self.split_shape(weight.shape)
-    axes = tuple(range(len(s), len(s) + len(i)))
-    w = weight.astype(jnp.float32)
+    axes = tuple(range(len(s), len(s) + len(i)))  # in role order: stack + outputs stay
+    w = self.to_role_order(weight.astype(jnp.float32))
     m = jnp.sqrt(jnp.sum(w * w, axis=axes))
     return (a, b, m.astype(dtype)), weight
 
@@ -215,10 +216,12 @@ def dora(params: Any, rank: int | dict, *, key: jax.Array, targets: Targets = No
     where = path_str(path)
     r = _targets.per_path(rank, where, name="rank")
     a = r if alpha is None else _targets.per_path(alpha, where, name="alpha")
-    stack, inputs = _targets.placement(path, leaf, axes)
-    check_rank_fits(where, r, leaf.shape, stack, inputs)
-    return DoRA(rank=int(r), alpha=float(a), weight=path[-1], stack=stack, inputs=inputs,
-                rslora=rslora, dropout=float(dropout), name=name)
+    stack, inputs, layout = _targets.placement(path, leaf, axes)
+    method = DoRA(rank=int(r), alpha=float(a), weight=path[-1], stack=stack,
+                  inputs=inputs, layout=layout, rslora=rslora, dropout=float(dropout),
+                  name=name)
+    check_rank_fits(where, method, leaf.shape)
+    return method
 
   return _add.add_adapters(params, make, key=key, targets=targets, trainable=trainable,
                            dtype=dtype, what="DoRA adapters", problems=pre)

@@ -193,8 +193,8 @@ def ia3(params: Any, *, targets: Targets, feedforward: Targets = (),
   pre.raise_if_any()
 
   def make(path: Path, leaf) -> IA3:
-    stack, inputs = _targets.placement(path, leaf, axes)
-    return IA3(weight=path[-1], stack=stack, inputs=inputs,
+    stack, inputs, layout = _targets.placement(path, leaf, axes)
+    return IA3(weight=path[-1], stack=stack, inputs=inputs, layout=layout,
                feedforward=_matches(feedforward, path, leaf), name=name)
 
   return _add.add_adapters(params, make, key=jax.random.key(0), targets=targets,

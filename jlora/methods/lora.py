@@ -92,7 +92,7 @@ class LoRA(Method):
   def _pissa(self, weight, dtype):
     s, i, o = self.split_shape(weight.shape)
     n_in, n_out = math.prod(i), math.prod(o)
-    w = weight.astype(jnp.float32).reshape((-1, n_in, n_out))
+    w = self.to_role_order(weight.astype(jnp.float32)).reshape((-1, n_in, n_out))
     u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
     root = jnp.sqrt(sv[:, :self.rank] / self.scale)
     a = u[:, :, :self.rank] * root[:, None, :]
@@ -100,7 +100,7 @@ class LoRA(Method):
     residual = w - self.scale * jnp.einsum("sir,sro->sio", a, b)
     a_shape, b_shape = self.shapes(weight.shape)
     return ((a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)),
-            residual.reshape(weight.shape).astype(weight.dtype))
+            self.from_role_order(residual.reshape(s + i + o)).astype(weight.dtype))
 
   def labels(self, weight: WeightLabels, tag: str):
     r = f"r{tag}"
@@ -317,7 +317,7 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
            axes: Axes | Mapping[str, Axes] | None = None,
            trainable: Targets = None, rslora: bool = False,
            init: str = "kaiming", dropout: float = 0.0, name: str = "default",
-           dtype=None) -> Any:
+           dtype=None, like: tuple | None = None) -> Any:
   """Adds LoRA adapters beside the chosen weights of a parameter tree.
 
   Pure: returns a new tree and leaves ``params`` untouched. Each adapted weight
@@ -354,6 +354,10 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
       ``lora@name`` keys, so several named adapters can share a weight (see
       `select`).
     dtype: dtype of the adapters (default: the weight's dtype).
+    like: ``(fn, *example_args)``: read every weight's axes from how
+      ``fn(params, *example_args)`` contracts it (`jlora.infer_axes`), so any
+      kernel layout gets standard LoRA; with ``targets=None`` every weight
+      ``fn`` contracts is adapted. Excludes ``axes``.
 
   Returns:
     The lorified tree.
@@ -380,16 +384,37 @@ def lorify(params: Any, rank: int | Mapping[str, int], *, key: jax.Array,
   check_low_rank(rank, alpha, pre)
   for option, value in (("rank", rank), ("alpha", alpha), ("axes", axes)):
     _add.check_patterns(value, option, pre)
+  if like is not None:
+    axes, targets = _axes_from_use(params, like, axes, targets, pre)
 
   def make(path: Path, leaf) -> LoRA:
     where = path_str(path)
+    if like is not None and where not in axes:
+      raise ValueError(f"{where}: the function in `like` never contracts this weight, so "
+                       "adapting it would do nothing; exclude it from targets")
     r = _targets.per_path(rank, where, name="rank")
     a = r if alpha is None else _targets.per_path(alpha, where, name="alpha")
-    stack, inputs = _targets.placement(path, leaf, axes)
-    check_rank_fits(where, r, leaf.shape, stack, inputs)
-    return LoRA(rank=int(r), alpha=float(a), weight=path[-1], stack=stack,
-                inputs=inputs, rslora=rslora, init=init, dropout=float(dropout),
-                name=name)
+    stack, inputs, layout = _targets.placement(path, leaf, axes)
+    method = LoRA(rank=int(r), alpha=float(a), weight=path[-1], stack=stack,
+                  inputs=inputs, layout=layout, rslora=rslora, init=init,
+                  dropout=float(dropout), name=name)
+    check_rank_fits(where, method, leaf.shape)
+    return method
 
   return _add.add_adapters(params, make, key=key, targets=targets, trainable=trainable,
                            dtype=dtype, what="LoRA adapters", problems=pre)
+
+
+def _axes_from_use(params, like, axes, targets, problems):
+  """``(axes, targets)`` read from ``like = (fn, *example_args)``."""
+  if not (isinstance(like, tuple) and like and callable(like[0])):
+    problems.add(f"like must be a tuple (fn, *example_args), e.g. (model.apply, x), "
+                 f"got {like!r}")
+    return axes, targets
+  if axes is not None:
+    problems.add("pass axes= or like=, not both: like= reads every weight's axes from "
+                 "its use")
+    return axes, targets
+  from jlora._infer import contracted, infer_axes
+  found = infer_axes(like[0], params, *like[1:])
+  return found, (contracted(found) if targets is None else targets)
