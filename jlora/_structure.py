@@ -168,8 +168,8 @@ def _bad_record(method: Method, weight_shape) -> str | None:
 
 
 def orphans(path: Path, mapping: Mapping, problems: Problems) -> None:
-  """Adds a problem for adapter arrays whose method record is gone (e.g. the
-  ``lora`` record replaced by a string): they would be silently ignored."""
+  """Adds a problem for adapter arrays whose method record was replaced (e.g.
+  the ``lora`` record by a string): they would be silently ignored."""
   from jlora._checkpoint.files import method_types
   for cls in method_types().values():
     for k in mapping:
@@ -181,9 +181,10 @@ def orphans(path: Path, mapping: Mapping, problems: Problems) -> None:
                               or f"{cls.prefix}@" in stem):
         continue
       record = mapping.get(stem)
-      if not isinstance(record, Method):
-        found = "missing" if stem not in mapping else \
-            f"a {type(record).__name__} ({record!r:.40})"
+      # A missing record may be the user's own naming (a model with built-in
+      # LoRA); a record key holding something else is a damaged jlora tree.
+      if stem in mapping and not isinstance(record, Method):
+        found = f"a {type(record).__name__} ({record!r:.40})"
         problems.add(f"{path_str(path + (stem,))}: the {cls.__name__} record of the "
                      f"adapter array {k!r} is {found}, expected a jlora.{cls.__name__}; "
                      "restore the record from lorify, or remove the adapter arrays")

@@ -239,3 +239,13 @@ def test_a_damaged_record_is_not_blamed_on_another_model():
   assert "another model" not in msg
   bad["params"]["query"]["lora"] = dataclasses.replace(record, alpha="x")
   assert "the LoRA record is damaged" in error(jlora.summary, bad)
+
+
+def test_a_models_own_lora_named_leaves_are_not_mistaken_for_jlora_adapters():
+  own = {"layer": {"kernel": jnp.ones((4, 4)), "lora_a": jnp.ones((4, 1)),
+                   "lora_b": jnp.ones((1, 4))}}
+  merged = jlora.merge(own)  # no jlora record: nothing to read, nothing refused
+  assert jax.tree.structure(merged) == jax.tree.structure(own)
+  y = jlora.lora(lambda p, x: x @ p["layer"]["kernel"] + x @ p["layer"]["lora_a"] @
+                 p["layer"]["lora_b"])(own, jnp.ones(4))
+  assert y.shape == (4,)
