@@ -419,7 +419,7 @@ class _Full(Exception):
   pass
 
 
-@pytest.mark.parametrize("where", ["finalize", "swap"])
+@pytest.mark.parametrize("where", ["writer", "finalize", "swap"])
 def test_failing_save_keeps_the_previous_adapters(tmp_path, big, monkeypatch, where):
   """A disk that fills up while orbax commits the new files, or a rename
   that fails in the swap: a LoraError naming the directory, and the previous
@@ -433,7 +433,16 @@ def test_failing_save_keeps_the_previous_adapters(tmp_path, big, monkeypatch, wh
   before = jlora.load_adapters(base, path)
   changed = jax.tree.map(lambda x: x, params)
   changed["params"]["body"]["lora_b"] = jnp.full((4, 256), 2.0)
-  if where == "finalize":
+  if where == "writer":  # the arrays written, then the disk fills up
+    from jlora._checkpoint import adapters
+    real = adapters.write
+
+    def write(directory, items, record):
+      real(directory, items, record)
+      os.remove(os.path.join(directory, "jlora", "metadata"))
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(adapters, "write", write)
+  elif where == "finalize":
     async def full(self, *a, **k):
       raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
