@@ -18,7 +18,9 @@ The same loop serves three ways of running adapters (``mode=``):
 * ``"unmerged"``: one lorified tree under `jlora.lora`: ``x·W + s·(x·A)·B``.
 * ``"bank"``: a tree of ``K`` adapters from `jlora.stack_adapters` and an
   ``index`` (batch,): sequence ``b`` decodes with adapter ``index[b]``, all in
-  the same compiled step (`jlora.route` inside ``jit``; the index is traced).
+  the same compiled step (`jlora.route` inside ``jit``; the index is traced),
+  routed by the path `jlora.methods.bank.routing` has in force (default
+  ``"auto"``).
 
 >>> import jax.numpy as jnp
 >>> config = llama.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
@@ -44,6 +46,7 @@ import numpy as np
 
 import jlora
 from jlora._errors import Problems
+from jlora.methods import bank as bank_lib
 from jlora.methods.bank import Bank
 from experiments.models import llama
 
@@ -72,7 +75,7 @@ def _bank_sizes(params: Any) -> list[int]:
   return sizes
 
 
-def _step_fn(config: llama.LlamaConfig, mode: str, dtype):
+def _step_fn(config: llama.LlamaConfig, mode: str, dtype, routing: str):
   model = llama.LlamaForCausalLM(config, dtype=dtype)
 
   def plain(params, ids, positions, cache):
@@ -83,20 +86,27 @@ def _step_fn(config: llama.LlamaConfig, mode: str, dtype):
     return lambda p, ids, pos, cache, index: plain(p, ids, pos, cache)  # noqa: E731
   if mode == "unmerged":
     return lambda p, ids, pos, cache, index: factored(p, ids, pos, cache)  # noqa: E731
-  return lambda p, ids, pos, cache, index: factored(jlora.route(p, index), ids, pos, cache)  # noqa: E731
+
+  def banked(p, ids, pos, cache, index):
+    with bank_lib.routing(routing):  # traced under the routing it was built for
+      return factored(jlora.route(p, index), ids, pos, cache)
+
+  return banked
 
 
 @functools.lru_cache(maxsize=16)
-def decoder(config: llama.LlamaConfig, *, mode: str = "merged", dtype=jnp.float32):
+def decoder(config: llama.LlamaConfig, *, mode: str = "merged", dtype=jnp.float32,
+            routing: str = "auto"):
   """The compiled decode step of one mode: ``step(params, ids, positions, cache, index)``.
 
   ``ids`` and ``positions`` are (batch, seq) (seq 1 for a decode step, the
   prompt for a prefill); it returns ``(logits (batch, seq, vocab), cache)``.
   ``index`` is the bank routing (batch,) in ``"bank"`` mode and ignored
-  otherwise. ``"merged"`` expects a tree merged already (`generate` merges).
-  The cache is donated: it is updated in place.
+  otherwise; ``routing`` is the bank's path (`jlora.methods.bank.routing`).
+  ``"merged"`` expects a tree merged already (`generate` merges). The cache
+  is donated: it is updated in place.
   """
-  return jax.jit(_step_fn(config, mode, dtype), donate_argnums=(3,))
+  return jax.jit(_step_fn(config, mode, dtype, routing), donate_argnums=(3,))
 
 
 def _pick(logits, t, keys, temperature):
@@ -109,8 +119,8 @@ def _pick(logits, t, keys, temperature):
 
 
 @functools.lru_cache(maxsize=16)
-def _loop(config: llama.LlamaConfig, n: int, mode: str, dtype, sampled: bool):
-  step = _step_fn(config, mode, dtype)
+def _loop(config: llama.LlamaConfig, n: int, mode: str, dtype, sampled: bool, routing: str):
+  step = _step_fn(config, mode, dtype, routing)
 
   @jax.jit
   def run(params, ids, lengths, cache, index, keys, temperature):
@@ -132,10 +142,16 @@ def _loop(config: llama.LlamaConfig, n: int, mode: str, dtype, sampled: bool):
   return run
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token lists into ``(ids (batch, longest), lengths (batch,))``."""
+def pad_prompts(prompts: Sequence[Sequence[int]], *, multiple: int = 8
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into ``(ids (batch, width), lengths (batch,))``.
+
+  ``width`` is the longest prompt rounded up to ``multiple`` (fewer shapes,
+  fewer compilations; the padding is never attended to).
+  """
   lengths = np.array([len(p) for p in prompts], np.int32)
-  ids = np.zeros((len(prompts), int(lengths.max(initial=1))), np.int32)
+  width = -(-int(lengths.max(initial=1)) // multiple) * multiple
+  ids = np.zeros((len(prompts), width), np.int32)
   for row, p in zip(ids, prompts):
     row[:len(p)] = p
   return ids, lengths
@@ -181,13 +197,14 @@ def generate(params: Any, config: llama.LlamaConfig, prompts: Sequence[Sequence[
                  "per sequence")
     problems.raise_if_any()
   ids, lengths = pad_prompts(prompts)
-  batch, need = ids.shape[0], int(lengths.max()) + int(n)
+  # The prefill writes the padded width; decoding writes up to longest + n.
+  batch, need = ids.shape[0], max(ids.shape[1], int(lengths.max()) + int(n))
   if cache_len is None:
     cache_len = -(-need // bucket) * bucket
   elif cache_len < need:
     problems.add(f"cache_len={cache_len}: too short for the longest prompt "
-                 f"({int(lengths.max())}) + n ({n}) = {need}; pass cache_len >= {need} "
-                 "or leave it None")
+                 f"({int(lengths.max())}, padded to {ids.shape[1]}) + n ({n}); pass "
+                 f"cache_len >= {need} or leave it None")
   sizes = _bank_sizes(params) if mode in MODES else []
   if mode == "bank":
     if not sizes:
@@ -228,7 +245,7 @@ def generate(params: Any, config: llama.LlamaConfig, prompts: Sequence[Sequence[
     keys = key if jnp.ndim(key) else jnp.stack([key] * batch)
   cache = init_cache(config, batch, cache_len, dtype=dtype)
   route = jnp.asarray(index if index is not None else np.zeros(batch), jnp.int32)
-  run = _loop(config, int(n), mode, dtype, key is not None)
+  run = _loop(config, int(n), mode, dtype, key is not None, bank_lib.current_routing())
   out = run(params, jnp.asarray(ids), jnp.asarray(lengths), cache, route, keys,
             jnp.float32(temperature))
   return np.asarray(out)
