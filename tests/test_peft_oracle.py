@@ -462,3 +462,78 @@ def test_peft_gemma_adapter_imports_onto_the_gemma_lib_tree(method):
   merged = peft_model.merge_and_unload().state_dict()
   ours = gemma_lib_to_torch(jlora.merge(imported))
   assert_merged_equal(ours, merged, tensors, what=f"gemma library {method} PEFT->jlora")
+
+
+# -- Logit level on the project's LLaMA port (experiments/models/llama.py) ----
+
+
+def llama_port_and_hf():
+  """A tiny HF LLaMA and the project's Flax port with the same weights."""
+  from experiments.models import llama
+  torch.manual_seed(0)
+  hf_config = T.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            intermediate_size=32, tie_word_embeddings=True)
+  hf = T.LlamaForCausalLM(hf_config).eval()
+  rope = getattr(hf_config, "rope_parameters", None) or {}
+  theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                             intermediate_size=32, rms_norm_eps=hf_config.rms_norm_eps,
+                             rope_theta=float(theta), tie_word_embeddings=True)
+  state = hf.state_dict()
+  tree = to_tree(state, maps.LLAMA)
+  tree.pop("lm_head", None)  # tied to the embedding in the port
+  for key, t in state.items():
+    if key.endswith("norm.weight"):
+      set_path(tree, tuple(key[:-len(".weight")].replace("layers.", "layers_").split(".")
+                           ) + ("scale",), t.numpy().copy())
+  model = llama.LlamaForCausalLM(config)
+  return hf, model, {"params": jax.tree.map(jnp.asarray, tree)}
+
+
+IDS = np.array([[1, 5, 9, 2, 33, 7, 12, 4]])
+
+
+def test_llama_port_logits_match_peft_both_ways():
+  hf, model, base = llama_port_and_hf()
+  run = lambda p: np.asarray(jlora.lora(lambda q: model.apply(q, jnp.asarray(IDS)))(p))  # noqa: E731
+  with torch.no_grad():
+    hf_logits = hf(torch.tensor(IDS)).logits.numpy()
+  np.testing.assert_allclose(run(base), hf_logits, atol=2e-5)  # the port is the model
+  # jlora -> PEFT
+  # Not embed_tokens: the port ties it to the output projection, where jlora's
+  # adapter applies too, and PEFT's lora_embedding only to the lookup.
+  params = jlora.lorify(base, {"v_proj": 4, ".*": 2}, key=jax.random.key(7), alpha=4.0,
+                        targets=("q_proj", "v_proj", "o_proj", "down_proj"))
+  rng = np.random.default_rng(8)
+  mask = jlora.trainable_mask(params)
+  leaves, treedef = jax.tree.flatten(params)
+  params = jax.tree.unflatten(treedef, [
+      jnp.asarray(l + 0.3 * rng.standard_normal(l.shape).astype(np.float32)) if m else l
+      for l, m in zip(leaves, jax.tree.leaves(mask))])
+  d = tempfile.mkdtemp() + "/a"
+  jlora.export_peft(params, d, module_path=maps.LLAMA)
+  loaded = PeftModel.from_pretrained(hf, d).eval()
+  with torch.no_grad():
+    peft_logits = loaded(torch.tensor(IDS)).logits.numpy()
+  ours = run(params)
+  assert np.abs(ours - hf_logits).max() > 1e-2  # the adapter matters
+  np.testing.assert_allclose(peft_logits, ours, atol=5e-5)
+  # PEFT -> jlora
+  hf2, _, _ = llama_port_and_hf()
+  peft_model = get_peft_model(hf2, LoraConfig(
+      r=2, lora_alpha=4, init_lora_weights=False,
+      target_modules=module_names(hf2, r"(q_proj|v_proj|o_proj|down_proj)$")))
+  gen = torch.Generator().manual_seed(9)
+  with torch.no_grad():
+    for _, p in peft_model.named_parameters():
+      if p.requires_grad:
+        p.add_(0.3 * torch.randn(p.shape, generator=gen))
+  e = tempfile.mkdtemp()
+  peft_model.save_pretrained(e)
+  with torch.no_grad():
+    theirs = peft_model(torch.tensor(IDS)).logits.numpy()
+  imported = jlora.import_peft(base, e, module_path=maps.LLAMA)
+  np.testing.assert_allclose(run(imported), theirs, atol=5e-5)
+  assert np.abs(theirs - hf_logits).max() > 1e-2

@@ -138,6 +138,11 @@ def export_peft(params: Any, directory: str | os.PathLike, *, module_path: Any,
   into its own directory. The write is atomic: into a temporary directory
   beside ``directory``, then swapped in.
 
+  One difference to mind: on a model that ties its output projection to the
+  embedding (the LLaMA port, Gemma), jlora's embedding adapter changes both
+  uses, while PEFT applies a ``lora_embedding`` adapter to the lookup only;
+  leave such an embedding out of the adapted weights for a faithful export.
+
   Args:
     params: a jlora tree with LoRA, DoRA or (IA)³ adapters.
     directory: where to write. It must not exist, be empty, or (with
