@@ -54,6 +54,7 @@ from jlora._train import train_step as train_step
 from jlora._checkpoint import Checkpoints as Checkpoints
 from jlora._checkpoint import load_adapters as load_adapters
 from jlora._checkpoint import save_adapters as save_adapters
+from jlora import peft as peft  # ModuleMap, Rule, layouts, maps
 from jlora.peft import export_peft as export_peft
 from jlora.peft import import_peft as import_peft
 from jlora._errors import LoraError as LoraError
@@ -66,7 +67,7 @@ __all__ = (
     "import_peft", "infer_axes", "load_adapters", "lora", "lorify", "merge", "partition",
     "route", "save_adapters", "select", "stack_adapters", "summary", "ties",
     "train_step", "trainable_mask", "weighted_adapter",
-    "Quantized", "dequantize", "quant", "quantize",
+    "Quantized", "dequantize", "quant", "quantize", "peft",
 )
 
 __version__ = "0.1.0"
