@@ -394,6 +394,11 @@ def test_sigkill_mid_save_keeps_the_previous_adapters(tmp_path, hang):
   previous = np.load(tmp_path / "v0.npy")
   if hang == "write":
     assert _lora_b(tmp_path / "adapters").tobytes() == previous.tobytes()
+    assert any(".jlora-tmp-" in n for n in os.listdir(tmp_path))  # what the kill left
+    base = {"params": {"dense": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}}}
+    jlora.save_adapters(jlora.lorify(base, 4, key=jax.random.key(0)),
+                        tmp_path / "adapters", force=True)
+    assert sorted(os.listdir(tmp_path)) == ["adapters", "v0.npy"]  # cleaned up
     return
   assert not os.path.exists(tmp_path / "adapters")
   with pytest.raises(jlora.LoraError, match="interrupted") as e:

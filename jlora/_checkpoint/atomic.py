@@ -7,7 +7,8 @@ is a rename on one file system), then exchanges the two in one
 the old aside, rename the new in), and only then deletes the old one. A save
 that fails or is killed at any point leaves the previous directory where it
 was, or, killed between the two renames of the fallback, in the temporary
-directory beside it, where `interrupted` finds it.
+directory beside it, where `interrupted` finds it. The next successful save
+of the same path removes what killed saves left beside it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def write_beside(path: str, write: Callable[[str], None], *, replace: bool) -> N
         raise
   finally:
     shutil.rmtree(work, ignore_errors=True)  # after an exchange: the old directory
+  # ``path`` is complete now: what killed saves of it left beside it can go.
+  for stale in glob.glob(os.path.join(glob.escape(parent),
+                                      glob.escape(_work_prefix(path)) + "*")):
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def interrupted(path: str, is_complete: Callable[[str], bool]) -> list[str]:
