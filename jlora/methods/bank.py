@@ -13,10 +13,17 @@ adapter for the whole batch). Being a leaf, it is traced: one compiled
 function serves every routing. The example axis is the first axis of the
 activations ``x`` entering each use of the weight that is not one of the
 weight's axes (the leading batch axis of a ``Dense`` input ``(batch, ...,
-in)``); its size must equal the index's. Each use gathers ``A[index]`` and
-``B[index]`` per example and runs one batched ``x·A·B``: one forward pass
-for the whole batch, and ``jax.grad`` scatters gradients back into every
-bank member that was used.
+in)``); its size must equal the index's. One forward pass serves the whole
+batch, and ``jax.grad`` sends gradients back into every bank member that was
+used. How each use picks its adapters (see "routing" below): ``onehot`` runs
+``x`` against all ``K`` adapters in two dense matmuls and masks by the index
+(chosen while ``K·r <= ONEHOT_MAX_WIDTH``), ``gather`` gathers ``A[index]``,
+``B[index]`` per example and runs one batched ``x·A·B`` (chosen beyond, and
+for stacked layers), ``segment`` sorts the rows by adapter for
+``jax.lax.ragged_dot`` (never chosen on CPU, where XLA lowers it as ``K``
+masked dense dots; force it with `routing`). On CPU, decoding SmolLM2 with a
+bank of K = 1, 16 / 64, 256 adapters, onehot / gather was the fastest path
+(BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
