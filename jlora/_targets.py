@@ -220,8 +220,13 @@ def select(candidates: list[tuple[Path, Any]], targets: Targets, *,
   if targets is None:
     chosen = [(p, l) for p, l in candidates if standard(p, l)]
     if not chosen:
+      torch_style = any(p and p[-1] == "weight" and l.ndim >= 2 for p, l in candidates)
+      hint = (" such as re.compile(r'weight$') for `weight` leaves (equinox, torch "
+              "layouts: (out, in), so also axes=jlora.Axes(inputs=(1,), outputs=(0,)))"
+              if torch_style else "")
       problems.add(f"no {what} found: the tree has no floating 'kernel' or 'embedding' "
-                   f"leaf of rank ≥ 2{why_not()}; pass `targets=` (a regex or a predicate)")
+                   f"leaf of rank ≥ 2{why_not()}; pass `targets=` (a regex or a "
+                   f"predicate){hint}")
     return chosen
   if isinstance(targets, re.Pattern):
     chosen = [(p, l) for p, l in candidates

@@ -187,3 +187,9 @@ def test_summary_names_and_optimizers_on_a_module():
   state = tx.init(params)  # moments for the adapters only
   adapters = sum(x.size for x in jax.tree.leaves(jlora.partition(params)[0]))
   assert sum(x.size for x in jax.tree.leaves(state)) == 2 * adapters + 1
+
+
+def test_default_targets_point_equinox_users_at_weight():
+  model, _, _ = _mlp()
+  with pytest.raises(jlora.LoraError, match=r"re.compile\(r'weight\$'\)"):
+    jlora.lorify(model, 2, key=KEY)
