@@ -16,6 +16,8 @@ import jlora
 
 KEY = jax.random.key(0)
 WEIGHTS = re.compile(r"weight$")
+# equinox's Linear.weight is (out, in): A on the input axis, B on the output.
+AXES = jlora.Axes(inputs=(1,), outputs=(0,))
 
 
 def _mlp():
@@ -40,7 +42,8 @@ MODELS = {"mlp": _mlp, "mha": _mha}
 
 def _lorified(model):
   """Adapters on every ``weight``, with B moved off zero so that they act."""
-  params = jlora.lorify(model, 2, key=jax.random.key(3), targets=WEIGHTS, alpha=4)
+  params = jlora.lorify(model, 2, key=jax.random.key(3), targets=WEIGHTS, alpha=4,
+                        axes=AXES)
   adapters, frozen = jlora.partition(params)
   adapters = jax.tree.map(
       lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
@@ -66,6 +69,9 @@ def test_adapted_by_path_and_merged_back(name):
   expected = {"mlp": ["layers/0/weight", "layers/1/weight", "layers/2/weight"],
               "mha": [f"{k}_proj/weight" for k in ("key", "output", "query", "value")]}
   assert adapted == expected[name]
+  for path, entry in jlora._structure.read(params)[1].items():
+    (a, b), (n_out, n_in) = entry.adapters[0].arrays, entry.weight.shape
+    assert (a.shape, b.shape) == ((n_in, 2), (2, n_out)), path  # A on `in`
   merged = jlora.merge(params)
   assert jax.tree.structure(merged) == jax.tree.structure(model)  # a plain Module
   assert type(merged) is type(model)
@@ -75,7 +81,7 @@ def test_adapted_by_path_and_merged_back(name):
   _close(jlora.lora(apply)(params, *inputs), apply(merged, *inputs))
   assert not np.allclose(apply(merged, *inputs), apply(model, *inputs))
   # at init (B = 0) the model is unchanged
-  fresh = jlora.lorify(model, 2, key=jax.random.key(3), targets=WEIGHTS)
+  fresh = jlora.lorify(model, 2, key=jax.random.key(3), targets=WEIGHTS, axes=AXES)
   _close(jlora.lora(apply)(fresh, *inputs), apply(model, *inputs))
 
 
@@ -174,7 +180,7 @@ def test_trainable_in_a_module_is_refused_with_the_path():
 
 def test_summary_names_and_optimizers_on_a_module():
   model, apply, inputs = _mlp()
-  params = jlora.lorify(model, 2, key=KEY, targets=WEIGHTS, name="t1")
+  params = jlora.lorify(model, 2, key=KEY, targets=WEIGHTS, name="t1", axes=AXES)
   s = jlora.summary(params)
   assert [r.path for r in s.rows] == ["layers/0/weight", "layers/1/weight",
                                       "layers/2/weight"]
