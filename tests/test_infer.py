@@ -168,3 +168,39 @@ def test_a_targeted_weight_that_fn_never_contracts_is_an_error():
   # targets=None adapts exactly what fn contracts.
   p = jlora.lorify(params, 2, key=KEY, like=(fn, jnp.ones((1, 4))))
   assert "lora" in p["a"] and "lora" not in p["b"]
+
+
+@pytest.mark.standard_promotion  # optax's Adam under strict promotion
+def test_equinox_models_train_with_inferred_axes():
+  """``eqx.nn.MLP`` and ``eqx.nn.MultiheadAttention`` with no axes stated and
+  no transposes: like= puts A on ``Linear.weight``'s input axis, and a train
+  step moves the loss."""
+  import equinox as eqx
+  import optax
+
+  mlp = eqx.nn.MLP(6, 3, 8, 2, key=KEY)
+  mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=8, key=KEY)
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+  q = jax.random.normal(jax.random.key(2), (4, 8))
+  models = [(mlp, lambda m, x: jax.vmap(m)(x), (x,)),
+            (mha, lambda m, q: m(q, q, q), (q,))]
+  for model, fn, args in models:
+    found = jlora.infer_axes(fn, model, *args)
+    assert found and all(a == A(stack=(), inputs=(1,), outputs=(0,))
+                         for a in found.values()), found
+    p = jlora.lorify(model, 2, key=jax.random.key(3), like=(fn, *args))
+    p = randomize_adapters(p, jax.random.key(4), scale=0.1)
+    want = fn(jlora.merge(p), *args)
+    np.testing.assert_allclose(eqx.filter_jit(jlora.lora(fn))(p, *args), want, rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+    def loss_fn(params, batch):
+      return jnp.mean(jlora.lora(fn)(params, *batch) ** 2)
+
+    trainer = jlora.train_step(loss_fn, optax.adam(1e-2), p)
+    state, frozen = trainer.init(p)
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.step(state, frozen, args)
+      losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
