@@ -60,8 +60,9 @@ def check_params(params: Any, problems: Problems) -> bool:
   return True
 
 
-def check_dtype(dtype: Any, problems: Problems) -> None:
-  """``dtype`` is None or a floating dtype (the adapters are trained)."""
+def check_dtype(dtype: Any, problems: Problems, *, name: str = "dtype",
+                none: str = "each weight's dtype") -> None:
+  """``dtype`` is None (meaning ``none``) or a floating dtype."""
   if dtype is None:
     return
   try:
@@ -69,8 +70,8 @@ def check_dtype(dtype: Any, problems: Problems) -> None:
   except TypeError:
     ok = False
   if not ok:
-    problems.add(f"dtype: got {dtype!r}, expected None (each weight's dtype) or a "
-                 "floating dtype such as jnp.float32 or jnp.bfloat16")
+    problems.add(f"{name}: got {dtype!r}, expected None ({none}) or a floating dtype "
+                 "such as jnp.float32 or jnp.bfloat16")
 
 
 def check_patterns(value: Any, name: str, problems: Problems) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jlora import _structure
 from jlora._adapted import enter
-from jlora._errors import LoraError
+from jlora._add import check_dtype
+from jlora._errors import Problems
 from jlora._tree import is_quantized, keypath_to_path
 
 
@@ -47,14 +47,9 @@ def merge(params: Any, *, dtype: Any = None, requantize: Any = None) -> Any:
     >>> jax.tree.structure(merged) == jax.tree.structure(params)
     True
   """
-  if dtype is not None:
-    try:
-      ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-      ok = False
-    if not ok:
-      raise LoraError([f"dtype: got {dtype!r}, expected None (each weight's own) or a "
-                       "floating dtype such as jnp.bfloat16"], header="jlora: cannot merge")
+  problems = Problems("jlora: cannot merge")
+  check_dtype(dtype, problems, none="each weight's own")
+  problems.raise_if_any()
   base, entries, _ = _structure.read(params, what="the tree passed to merge")
   quantized = any(is_quantized(x) for x in jax.tree.leaves(base, is_leaf=is_quantized))
   if not entries and not quantized and dtype is None and requantize in (None, False):

@@ -56,6 +56,7 @@ import optax
 from jax.sharding import Mesh
 
 from jlora import _optim
+from jlora._add import check_dtype
 from jlora._errors import LoraError, Problems
 from jlora._train.body import make_body
 from jlora._train.forms import PMAP_AXIS, jit_form, mesh_form, pmap_form
@@ -130,14 +131,8 @@ def train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
     problems.add(f"tx must be an optax GradientTransformation, got {tx!r}")
   if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
     problems.add(f"accumulate must be a positive integer, got {accumulate!r}")
-  if compute_dtype is not None:
-    try:
-      ok = jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating)
-    except TypeError:
-      ok = False
-    if not ok:
-      problems.add(f"compute_dtype must be a floating dtype such as jnp.bfloat16, "
-                   f"got {compute_dtype!r}")
+  check_dtype(compute_dtype, problems, name="compute_dtype",
+              none="compute in the tree's own dtypes")
   if mesh is not None and not isinstance(mesh, Mesh):
     problems.add(f"mesh must be a jax.sharding.Mesh (jax.make_mesh), got {mesh!r}")
   if mesh is not None and pmap:
