@@ -14,18 +14,21 @@ PATHS = ("gather", "onehot", "segment")  # "auto" is one of them: test_auto_rule
 def model_fn(p, x):
   """Dense layers on (batch, seq, d), a multi-axis (heads) kernel and a tied head.
 
-  Covers x·A·B with several free axes, kernels with two output and two input
-  axes, and an embedding's ``attend`` (x·Bᵀ·Aᵀ).
+  Covers x·A·B with several free axes, two weights on one x (shared-input
+  fusion), kernels with two output and two input axes, and an embedding's
+  ``attend`` (x·Bᵀ·Aᵀ).
   """
-  h = jnp.tanh(x @ p["w1"]["kernel"])                               # (b, t, 8)
+  # w1 and gate share x: the one-hot path fuses their down-projections.
+  h = jnp.tanh(x @ p["w1"]["kernel"]) * jax.nn.sigmoid(x @ p["gate"]["kernel"])  # (b, t, 8)
   q = jnp.einsum("btd,dhk->bthk", h, p["heads"]["kernel"])           # (b, t, 2, 3)
   h = h + jnp.einsum("bthk,hkd->btd", jnp.sin(q), p["merge"]["kernel"])
   return h @ p["embed"]["embedding"].T                                # (b, t, 11)
 
 
 def base():
-  ks = jax.random.split(jax.random.key(0), 4)
+  ks = jax.random.split(jax.random.key(0), 5)
   return {"w1": {"kernel": jax.random.normal(ks[0], (6, 8))},
+          "gate": {"kernel": jax.random.normal(ks[4], (6, 8))},
           "heads": {"kernel": 0.5 * jax.random.normal(ks[1], (8, 2, 3))},
           "merge": {"kernel": 0.5 * jax.random.normal(ks[2], (2, 3, 8))},
           "embed": {"embedding": jax.random.normal(ks[3], (11, 8))}}
@@ -35,7 +38,7 @@ def trees(k_adapters):
   ranks = [1 + (k % 3) for k in range(k_adapters)]  # ranks differ: zero-padded
   return [randomize_adapters(
       jlora.lorify(base(), r, key=jax.random.key(k), alpha=float(k + 1),
-                   axes={"merge": jlora.Axes(inputs=2), "w1|heads|embed": jlora.Axes(inputs=1)}), jax.random.key(50 + k))
+                   axes={"merge": jlora.Axes(inputs=2), "w1|gate|heads|embed": jlora.Axes(inputs=1)}), jax.random.key(50 + k))
           for k, r in enumerate(ranks)]
 
 
@@ -88,6 +91,8 @@ def test_paths_really_differ_in_the_compiled_program():
       texts[path] = str(jax.make_jaxpr(fn)(bank, index, x))
   assert "ragged_dot" in texts["segment"] and "ragged_dot" not in texts["gather"]
   assert texts["onehot"].count("gather") < texts["gather"].count("gather")
+  # One-hot: w1's and gate's x·A of all K adapters in one matmul (fused).
+  assert texts["onehot"].count("dot_general") < texts["gather"].count("dot_general")
 
 
 def test_auto_rule_and_bad_path():

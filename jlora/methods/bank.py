@@ -126,8 +126,41 @@ class Bank(Method):
     keep = jax.random.uniform(use.rng, x.shape) >= rate
     return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
+  def down(self, arrays, labels, *, training):
+    """All ``K`` down factors at once, when this use routes one-hot (fusion).
+
+    Weights that share ``x`` (q, k, v) then run ``x·A`` of every adapter of
+    every weight as one matmul; `dot` masks the result by the index.
+    """
+    a, b, index = arrays
+    al, bl = labels[:2]
+    if (index.ndim != 1 or (training and any(self.dropouts)) or set(al[1:-1]) & set(bl)
+        or _choose(None, len(self.ranks), max(self.ranks)) != "onehot"):
+      return None
+    return a, al, 1.0
+
+  def _dot_down(self, use, arrays, labels, inner):
+    """The one-hot path given ``use.down = (x·A_all, labels)`` (None: no fit)."""
+    a, b, index = arrays
+    al, bl = labels[:2]
+    t, t_labels = use.down
+    k, r = al[0], al[-1]
+    free = [l for l in t_labels if l not in (k, r)]
+    if not free or t.shape[t_labels.index(free[0])] != index.shape[0]:
+      return None
+    weight = jax.nn.one_hot(index, len(self.ranks), dtype=jnp.float32) * self._scale_of(index)[:, None]
+    t = t * _labels.broadcast_to(weight, (free[0], k), t_labels).astype(t.dtype)
+    delta = _labels.contract(use.out_labels, (t, t_labels), (b, bl), precision=use.precision,
+                             preferred_element_type=use.preferred_element_type)
+    base = inner(use.x)
+    return base + delta.astype(base.dtype)
+
   def dot(self, use, arrays, labels, inner):
     a, b, index = arrays
+    if use.down is not None:
+      out = self._dot_down(use, arrays, labels, inner)
+      if out is not None:
+        return out
     al, bl = labels[:2]
     k = al[0]
     weight_axes = set(al) | set(bl)
