@@ -192,22 +192,7 @@ class Checkpoints:
     step = int(np.asarray(host(state.step)).reshape(-1)[0])
     if not force and not self._manager.should_save(step):
       return False
-    flat, leaves = [], []
-    for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-      impl = None
-      if _is_key(x):
-        impl = str(jax.random.key_impl(x))
-        x = jax.random.key_data(x)
-      h = host(x)
-      # Host copies: the next step donates the state's device buffers.
-      flat.append(h if h is not None else x)
-      leaves.append({"path": jax.tree_util.keystr(kp), "shape": list(x.shape),
-                     "dtype": jnp.dtype(x.dtype).name, "key_impl": impl,
-                     "sha256": sha(h)})
-    record = {"format": STATE, "version": VERSION, "step": step, "leaves": leaves,
-              "data": data}
-    record["checksum"] = digest(record)
-    items = {f"{i:05d}": x for i, x in enumerate(flat)}
+    items, record = _snapshot(state, step, data)
     ocp = ocp_module()
     with self._writing(f"the save of step {step} (or the one before it)"):
       return self._manager.save(step, args=ocp.args.Composite(**{
@@ -241,39 +226,10 @@ class Checkpoints:
       problems.add(f"{self.directory}: no complete checkpoint, so nothing to restore; "
                    "check `latest_step()` is not None first")
     problems.raise_if_any()
-    if step is None:
-      step = steps[-1]
-    where = os.path.join(self.directory, str(step))
-    if step not in steps:
-      raise LoraError([f"{where}: not a complete checkpoint; complete: {steps}"],
-                      header="jlora: no checkpoint at that step; pick one of all_steps()")
-    earlier = [s for s in steps if s < step]
-    fix = (f"pass step={earlier[-1]} (or delete {where}) to resume from the previous "
-           "checkpoint" if earlier else "start the run afresh (no earlier checkpoint)")
-    record = read_record(where, kind=STATE, what="training checkpoint", fix=fix)
-    if record.get("step") != step:
-      raise LoraError([f"{where}: the checkpoint records step {record.get('step')!r}, its "
-                       f"directory says {step}"], header=(
-          "jlora: the checkpoint directory was renamed or copied; rename it back to "
-          f"{record.get('step')!r}, or delete it and {fix}"))
-    kps, treedef = jax.tree_util.tree_flatten_with_path(like)
-    template = []
-    for kp, x in kps:
-      impl = str(jax.random.key_impl(x)) if _is_key(x) else None
-      shape = jax.eval_shape(jax.random.key_data, x).shape if impl else x.shape
-      dtype = "uint32" if impl else jnp.dtype(x.dtype).name
-      template.append((jax.tree_util.keystr(kp), tuple(shape), dtype, impl,
-                       getattr(x, "sharding", None)))
-    saved = [[[e["path"]], e["shape"], e["dtype"]] for e in record["leaves"]]
-    have = [[[p], list(s), d] for p, s, d, _, _ in template]
-    problems = compare_leaves(saved, have, saved_name="checkpoint", have_name="target")
-    problems += [f"{t[0]}: key implementation {e['key_impl']!r} saved, "
-                 f"{t[3]!r} in the target" for e, t in zip(record["leaves"], template)
-                 if e["key_impl"] != t[3]]
-    if problems:
-      raise LoraError(problems, header=f"jlora: the checkpoint at {where} " + _cause(
-          {e["path"]: tuple(e["shape"]) for e in record["leaves"]},
-          {t[0]: t[1] for t in template}))
+    step = steps[-1] if step is None else step
+    where, record, fix = _read_step(self.directory, step, steps)
+    template, treedef = _template(like)
+    _check_fits(record, template, where)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     values = read_arrays(where, record["leaves"],
                           lambda i: template[i][4] or default,
@@ -281,3 +237,71 @@ class Checkpoints:
     values = [jax.random.wrap_key_data(v, impl=t[3]) if t[3] else v
               for v, t in zip(values, template)]
     return jax.tree_util.tree_unflatten(treedef, values), record["data"]
+
+
+# -- the pieces of a save and a restore ------------------------------------------
+
+
+def _snapshot(state: Any, step: int, data: Any) -> tuple[dict, dict]:
+  """Host copies of ``state``'s leaves (keys as their data) and its record."""
+  flat, leaves = [], []
+  for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    impl = None
+    if _is_key(x):
+      impl = str(jax.random.key_impl(x))
+      x = jax.random.key_data(x)
+    h = host(x)
+    # Host copies: the next step donates the state's device buffers.
+    flat.append(h if h is not None else x)
+    leaves.append({"path": jax.tree_util.keystr(kp), "shape": list(x.shape),
+                   "dtype": jnp.dtype(x.dtype).name, "key_impl": impl,
+                   "sha256": sha(h)})
+  record = {"format": STATE, "version": VERSION, "step": step, "leaves": leaves,
+            "data": data}
+  record["checksum"] = digest(record)
+  return {f"{i:05d}": x for i, x in enumerate(flat)}, record
+
+
+def _read_step(directory: str, step: int, steps: list[int]) -> tuple[str, dict, str]:
+  """``(where, record, fix)`` of a complete step, its record checked."""
+  where = os.path.join(directory, str(step))
+  if step not in steps:
+    raise LoraError([f"{where}: not a complete checkpoint; complete: {steps}"],
+                    header="jlora: no checkpoint at that step; pick one of all_steps()")
+  earlier = [s for s in steps if s < step]
+  fix = (f"pass step={earlier[-1]} (or delete {where}) to resume from the previous "
+         "checkpoint" if earlier else "start the run afresh (no earlier checkpoint)")
+  record = read_record(where, kind=STATE, what="training checkpoint", fix=fix)
+  if record.get("step") != step:
+    raise LoraError([f"{where}: the checkpoint records step {record.get('step')!r}, its "
+                     f"directory says {step}"], header=(
+        "jlora: the checkpoint directory was renamed or copied; rename it back to "
+        f"{record.get('step')!r}, or delete it and {fix}"))
+  return where, record, fix
+
+
+def _template(like: Any) -> tuple[list[tuple], Any]:
+  """``(path, shape, dtype, key impl, sharding)`` per leaf of ``like``."""
+  kps, treedef = jax.tree_util.tree_flatten_with_path(like)
+  template = []
+  for kp, x in kps:
+    impl = str(jax.random.key_impl(x)) if _is_key(x) else None
+    shape = jax.eval_shape(jax.random.key_data, x).shape if impl else x.shape
+    dtype = "uint32" if impl else jnp.dtype(x.dtype).name
+    template.append((jax.tree_util.keystr(kp), tuple(shape), dtype, impl,
+                     getattr(x, "sharding", None)))
+  return template, treedef
+
+
+def _check_fits(record: dict, template: list[tuple], where: str) -> None:
+  """Raises, naming every mismatch, unless the record fits the template."""
+  saved = [[[e["path"]], e["shape"], e["dtype"]] for e in record["leaves"]]
+  have = [[[p], list(s), d] for p, s, d, _, _ in template]
+  problems = compare_leaves(saved, have, saved_name="checkpoint", have_name="target")
+  problems += [f"{t[0]}: key implementation {e['key_impl']!r} saved, "
+               f"{t[3]!r} in the target" for e, t in zip(record["leaves"], template)
+               if e["key_impl"] != t[3]]
+  if problems:
+    raise LoraError(problems, header=f"jlora: the checkpoint at {where} " + _cause(
+        {e["path"]: tuple(e["shape"]) for e in record["leaves"]},
+        {t[0]: t[1] for t in template}))
