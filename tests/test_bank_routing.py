@@ -47,8 +47,10 @@ def run(path, fn, *args):
     return jax.jit(fn)(*args)  # a fresh jit: traced under this path
 
 
-@pytest.mark.parametrize("k_adapters", (1, 4))
-def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters):
+@pytest.mark.parametrize("k_adapters,fuse", ((1, False), (4, False), (4, True)))
+def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters, fuse,
+                                                                   monkeypatch):
+  monkeypatch.setattr(bank_lib, "FUSE_ONEHOT", fuse)  # one-hot in the shared-input fusion
   ts = trees(k_adapters)
   bank = jlora.stack_adapters(ts)
   x = jax.random.normal(jax.random.key(1), (4, 3, 6))
@@ -80,7 +82,8 @@ def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters):
     assert not jnp.any(g[0, :, 1:])
 
 
-def test_paths_really_differ_in_the_compiled_program():
+def test_paths_really_differ_in_the_compiled_program(monkeypatch):
+  monkeypatch.setattr(bank_lib, "FUSE_ONEHOT", True)
   bank = jlora.stack_adapters(trees(4))
   x = jnp.ones((4, 2, 6))
   index = jnp.arange(4, dtype=jnp.int32)
@@ -91,7 +94,7 @@ def test_paths_really_differ_in_the_compiled_program():
       texts[path] = str(jax.make_jaxpr(fn)(bank, index, x))
   assert "ragged_dot" in texts["segment"] and "ragged_dot" not in texts["gather"]
   assert texts["onehot"].count("gather") < texts["gather"].count("gather")
-  # One-hot: w1's and gate's x·A of all K adapters in one matmul (fused).
+  # Fused one-hot: w1's and gate's x·A of all K adapters in one matmul.
   assert texts["onehot"].count("dot_general") < texts["gather"].count("dot_general")
 
 

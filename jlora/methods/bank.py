@@ -135,7 +135,7 @@ class Bank(Method):
     a, b, index = arrays
     al, bl = labels[:2]
     if (index.ndim != 1 or (training and any(self.dropouts)) or set(al[1:-1]) & set(bl)
-        or _choose(None, len(self.ranks), max(self.ranks)) != "onehot"):
+        or _choose(None, len(self.ranks), max(self.ranks)) != "onehot" or not FUSE_ONEHOT):
       return None
     return a, al, 1.0
 
@@ -202,10 +202,14 @@ class Bank(Method):
 # * ``gather``: gathers ``A[index]``, ``B[index]`` (one copy per example) and
 #   runs one batched ``x·A·B``. Reads ``batch × r × (in + out)`` adapter
 #   values; FLOPs those of one adapter. Works for every layout (stacks too).
-# * ``onehot``: ``t = x·A`` against all ``K`` adapters at once (one matmul of
-#   width ``K·r``), ``t`` masked by ``onehot(index)·scale``, then one matmul
-#   with all of ``B`` flattened to ``(K·r, out)``. Dense matmuls, no gather,
-#   but ``K``× the adapter FLOPs: good while ``K·r`` is small.
+# * ``onehot``: ``t = x·A_k`` against all ``K`` adapters at once (a matmul
+#   batched over ``k``, so the bank's ``(K, in, r)`` is read in place), ``t``
+#   masked by ``onehot(index)·scale``, then one matmul with all of ``B``
+#   flattened to ``(K·r, out)``. Dense matmuls, no gather, but ``K``× the
+#   adapter FLOPs: good while ``K·r`` is small. With ``FUSE_ONEHOT`` it joins
+#   the runtime's shared-input fusion instead (q, k, v: one ``x·A`` matmul),
+#   which needs each ``A`` transposed to ``(in, K·r)``: a copy of the bank
+#   every call, measured slower (0.47× vs 0.68× merged at K 16), so off.
 # * ``segment``: rows sorted by adapter, ``jax.lax.ragged_dot`` against the
 #   ``(K, in, r)`` and ``(K, r, out)`` stacks with the group sizes, unsorted.
 #   A grouped matmul where one exists (GPU/TPU kernels); XLA:CPU lowers
@@ -221,6 +225,8 @@ _ROUTING = contextvars.ContextVar("jlora_bank_routing", default="auto")
 # The ``auto`` rule: one-hot while the bank's width ``K·r`` stays within this
 # many columns (measured, BENCHMARKS.md "Serving"), else the gather.
 ONEHOT_MAX_WIDTH = 128
+# Whether one-hot banks join the shared-input fusion (`Bank.down`; see above).
+FUSE_ONEHOT = False
 
 
 @contextlib.contextmanager
@@ -336,11 +342,14 @@ def _onehot(plan: _Plan, x, index, scale, k, *, precision, preferred_element_typ
   rows, shape = _rows(plan, x)
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
   f1 = f1.reshape(k, -1, f1.shape[-1]).astype(rows.dtype)
-  t = jnp.einsum("efc,kcr->efkr", rows, f1, **kw)
+  e, f, c = rows.shape
+  # Batched over k (x broadcast, A read in place: no transposed copy of the bank).
+  xk = jnp.broadcast_to(rows.reshape(1, e * f, c), (k, e * f, c))
+  t = jnp.einsum("kmc,kcr->kmr", xk, f1, **kw).reshape(k, e, f, -1)
   weight = jax.nn.one_hot(index, k, dtype=jnp.float32) * scale[:, None]
-  t = t * weight[:, None, :, None].astype(t.dtype)
+  t = t * weight.T[:, :, None, None].astype(t.dtype)
   f2 = f2.reshape(k, f2.shape[1], -1).astype(t.dtype)
-  y = jnp.einsum("efkr,kro->efo", t, f2, **kw)
+  y = jnp.einsum("kefr,kro->efo", t, f2, **kw)
   return _finish(plan, y, shape)
 
 
