@@ -1,5 +1,6 @@
 """Suite-wide settings: strict dtype promotion and a CI-sized hypothesis profile."""
 
+import importlib.util
 import os
 
 import hypothesis
@@ -10,6 +11,14 @@ hypothesis.settings.register_profile(
     "ci", max_examples=int(os.environ.get("JLORA_HYPOTHESIS_EXAMPLES", 12)),
     deadline=None, derandomize=True, print_blob=True)
 hypothesis.settings.load_profile("ci")
+
+# Optional oracles that need torch, which never enters the main venv: each
+# runs where its libraries are (see its docstring), and is not collected here.
+collect_ignore = []
+if importlib.util.find_spec("peft") is None:
+  collect_ignore.append("test_peft_oracle.py")
+if not os.environ.get("JLORA_BNB_PYTHON"):
+  collect_ignore.append("test_quant_bnb.py")
 
 
 def pytest_configure(config):

@@ -1,7 +1,9 @@
 """The real-PEFT oracle: jlora's PEFT files against PEFT itself, per model family.
 
-Needs torch, transformers and peft (not in the main test venv, so this file
-skips there); run it in the PEFT venv::
+Needs torch, transformers and peft, which never enter the main test venv, so
+tests/conftest.py collects this file only where peft is installed; run it in
+a PEFT venv (``python3 -m venv /work/peftvenv && /work/peftvenv/bin/pip
+install torch==2.13.0 && /work/peftvenv/bin/pip install -e '.[peft,test,data]'``)::
 
   /work/peftvenv/bin/python -m pytest -q tests/test_peft_oracle.py
 
@@ -32,9 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-peft = pytest.importorskip("peft")
-
-import torch  # noqa: E402  (peft needs it: present whenever peft is)
+import torch  # collected only where peft (and so torch) is installed: tests/conftest.py
 import transformers as T  # noqa: E402
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
