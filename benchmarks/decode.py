@@ -51,6 +51,7 @@ import jlora
 from experiments import lm
 from experiments.models import decode, llama
 from jlora.methods import bank as bank_lib
+from jlora.methods import routing as routing_lib
 
 TARGETS = re.compile(r"(q|k|v|o|gate|up|down)_proj/kernel")
 PATHS = ("gather", "onehot", "segment")
@@ -265,7 +266,7 @@ def main(argv=None):
          "config": {"layers": config.num_hidden_layers, "rank": args.rank, "alpha": 2 * args.rank,
                     "targets": TARGETS.pattern, "cache_len": args.cache,
                     "rounds": args.rounds, "dtype": "float32",
-                    "onehot_max_width": bank_lib.ONEHOT_MAX_WIDTH},
+                    "onehot_max_width": routing_lib.ONEHOT_MAX_WIDTH},
          "results": results, "peft": peft}
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
   with open(args.json, "w") as f:

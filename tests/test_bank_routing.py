@@ -99,14 +99,15 @@ def test_paths_really_differ_in_the_compiled_program(monkeypatch):
 
 
 def test_auto_rule_and_bad_path():
-  assert bank_lib.current_routing() == "auto"
-  w = bank_lib.ONEHOT_MAX_WIDTH
+  from jlora.methods import routing as routing_lib
+  assert routing_lib.current_routing() == "auto"
+  w = routing_lib.ONEHOT_MAX_WIDTH
   plan = None  # the rule needs only K and r
-  assert bank_lib._choose(plan, 1, 8) == "onehot"
-  assert bank_lib._choose(plan, w // 8, 8) == "onehot"
-  assert bank_lib._choose(plan, w // 8 + 1, 8) == "gather"
+  assert routing_lib.choose_path(plan, 1, 8) == "onehot"
+  assert routing_lib.choose_path(plan, w // 8, 8) == "onehot"
+  assert routing_lib.choose_path(plan, w // 8 + 1, 8) == "gather"
   with bank_lib.routing("segment"):
-    assert bank_lib._choose(plan, 256, 8) == "segment"
+    assert routing_lib.choose_path(plan, 256, 8) == "segment"
   with pytest.raises(jlora.LoraError, match="pass one of"):
     with bank_lib.routing("ragged"):
       pass

@@ -28,8 +28,6 @@ bank of K = 1, 16 / 64, 256 adapters, onehot / gather was the fastest path
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +39,8 @@ from jlora import _labels, _structure, _tree
 from jlora._errors import LoraError, Problems
 from jlora.methods.base import DEFAULT_NAME, Method, WeightLabels
 from jlora.methods.lora import LoRA
+from jlora.methods.routing import (ROUTINGS, choose_path, current_routing, onehot_path,
+                                   plan_of, routing, segment_path)
 from jlora._tree import Path, path_str
 
 
@@ -135,7 +135,7 @@ class Bank(Method):
     a, b, index = arrays
     al, bl = labels[:2]
     if (index.ndim != 1 or (training and any(self.dropouts)) or set(al[1:-1]) & set(bl)
-        or _choose(None, len(self.ranks), max(self.ranks)) != "onehot" or not FUSE_ONEHOT):
+        or choose_path(None, len(self.ranks), max(self.ranks)) != "onehot" or not FUSE_ONEHOT):
       return None
     return a, al, 1.0
 
@@ -174,10 +174,10 @@ class Bank(Method):
         return None
       e = free[0]
       x = self._dropout(use, index, (e,))
-      plan = _plan(x, use.x_labels, (a, al), (b, bl), use.out_labels, e)
-      path = _choose(plan, len(self.ranks), max(self.ranks)) if plan else "gather"
+      plan = plan_of(x, use.x_labels, (a, al), (b, bl), use.out_labels, e)
+      path = choose_path(plan, len(self.ranks), max(self.ranks)) if plan else "gather"
       if path != "gather":
-        delta = (_onehot if path == "onehot" else _segment)(
+        delta = (onehot_path if path == "onehot" else segment_path)(
             plan, x, index, self._scale_of(index), len(self.ranks), precision=use.precision,
             preferred_element_type=use.preferred_element_type)
         base = inner(use.x)
@@ -195,179 +195,9 @@ class Bank(Method):
     return base + (delta * scale.astype(delta.dtype)).astype(base.dtype)
 
 
-# ----------------------------------------------------------------------------- routing
-#
-# Three ways to run ``x·A[index]·B[index]`` for a batch routed per example:
-#
-# * ``gather``: gathers ``A[index]``, ``B[index]`` (one copy per example) and
-#   runs one batched ``x·A·B``. Reads ``batch × r × (in + out)`` adapter
-#   values; FLOPs those of one adapter. Works for every layout (stacks too).
-# * ``onehot``: ``t = x·A_k`` against all ``K`` adapters at once (a matmul
-#   batched over ``k``, so the bank's ``(K, in, r)`` is read in place), ``t``
-#   masked by ``onehot(index)·scale``, then one matmul with all of ``B``
-#   flattened to ``(K·r, out)``. Dense matmuls, no gather, but ``K``× the
-#   adapter FLOPs: good while ``K·r`` is small. With ``FUSE_ONEHOT`` it joins
-#   the runtime's shared-input fusion instead (q, k, v: one ``x·A`` matmul),
-#   which needs each ``A`` transposed to ``(in, K·r)``: a copy of the bank
-#   every call, measured slower (0.47× vs 0.68× merged at K 16), so off.
-# * ``segment``: rows sorted by adapter, ``jax.lax.ragged_dot`` against the
-#   ``(K, in, r)`` and ``(K, r, out)`` stacks with the group sizes, unsorted.
-#   A grouped matmul where one exists (GPU/TPU kernels); XLA:CPU lowers
-#   ``ragged_dot`` as ``K`` masked dense dots (its FLOP count is ``K``×).
-#
-# ``auto`` (the default) picks by device and size; measured on CPU in
-# BENCHMARKS.md (decode over a bank, K = 1…256). ``routing(path)`` forces one
-# while a function is traced (jit caches what it traced: force the path
-# before the first call of a jitted function).
-
-ROUTINGS = ("auto", "gather", "onehot", "segment")
-_ROUTING = contextvars.ContextVar("jlora_bank_routing", default="auto")
-# The ``auto`` rule: one-hot while the bank's width ``K·r`` stays within this
-# many columns (measured, BENCHMARKS.md "Serving"), else the gather.
-ONEHOT_MAX_WIDTH = 128
-# Whether one-hot banks join the shared-input fusion (`Bank.down`; see above).
+# Whether one-hot banks join the shared-input fusion (`Bank.down`; see
+# jlora/methods/routing.py).
 FUSE_ONEHOT = False
-
-
-@contextlib.contextmanager
-def routing(path: str):
-  """Forces how banks route per-example batches while a function is traced.
-
-  Args:
-    path: ``"auto"`` (the default rule), ``"gather"``, ``"onehot"`` or
-      ``"segment"`` (see the notes above `ROUTINGS` in this module). The
-      result is the same up to float rounding; the cost differs.
-
-  Raises:
-    LoraError: an unknown path.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, jlora
-    >>> from jlora.methods import bank as bank_lib
-    >>> base = {"dense": {"kernel": jnp.eye(3)}}
-    >>> trees = [jlora.lorify(base, 1, key=jax.random.key(k)) for k in range(2)]
-    >>> trees = [jax.tree.map(lambda x: x + k if x.shape == (1, 3) else x, t)
-    ...          for k, t in enumerate(trees)]
-    >>> fn = jlora.lora(lambda p, x: x @ p["dense"]["kernel"])
-    >>> routed = jlora.route(jlora.stack_adapters(trees), jnp.array([1, 0]))
-    >>> outs = []
-    >>> for path in ("gather", "onehot", "segment"):
-    ...   with bank_lib.routing(path):
-    ...     outs.append(fn(routed, jnp.ones((2, 3))))
-    >>> bool(jnp.allclose(outs[0], outs[1]) and jnp.allclose(outs[0], outs[2]))
-    True
-  """
-  if path not in ROUTINGS:
-    raise LoraError([f"path={path!r}; pass one of {ROUTINGS}"],
-                    header="jlora: unknown bank routing")
-  token = _ROUTING.set(path)
-  try:
-    yield
-  finally:
-    _ROUTING.reset(token)
-
-
-def current_routing() -> str:
-  """The routing in force (``"auto"`` unless inside `routing`)."""
-  return _ROUTING.get()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """One use of a bank in the layout the onehot and segment paths need."""
-
-  first: tuple[jax.Array, tuple[str, ...]]   # the factor x contracts with, (k, *c, r)
-  second: tuple[jax.Array, tuple[str, ...]]  # the other, (k, r, *o)
-  x_order: tuple[str, ...]                   # (e, *rest, *c): x's labels, transposed
-  rest: tuple[str, ...]                      # x's free labels after e
-  outs: tuple[str, ...]                      # the second factor's kept labels o
-  out_labels: tuple[str, ...]
-  rows_per_example: int
-  x_labels: tuple[str, ...]
-
-
-def _plan(x, x_labels, fa, fb, out_labels, e) -> _Plan | None:
-  """How x meets the bank's two factors, or None (stacks, odd uses: gather)."""
-  (a, al), (b, bl) = fa, fb
-  k, r = al[0], al[-1]
-  if set(al[1:-1]) & set(bl):  # stacked layers (nn.scan): gather handles them
-    return None
-  if set(al[1:-1]) <= set(x_labels) and not set(bl[2:]) & set(x_labels):
-    first, second = (a, al), (b, bl)           # x·A·B (Dense)
-  elif set(bl[2:]) <= set(x_labels) and not set(al[1:-1]) & set(x_labels):
-    first, second = (b, bl), (a, al)           # x·Bᵀ·Aᵀ (a tied head's attend)
-  else:
-    return None
-  (f1, l1), (f2, l2) = first, second
-  c = tuple(l for l in l1 if l not in (k, r))
-  o = tuple(l for l in l2 if l not in (k, r))
-  rest = tuple(l for l in x_labels if l not in c and l != e)
-  if set(out_labels) != {e, *rest, *o} or len(out_labels) != 1 + len(rest) + len(o):
-    return None
-  f1 = jnp.transpose(f1, [l1.index(l) for l in (k, *c, r)])
-  f2 = jnp.transpose(f2, [l2.index(l) for l in (k, r, *o)])
-  sizes = dict(zip(x_labels, x.shape))
-  rows = 1
-  for l in rest:
-    rows *= sizes[l]
-  return _Plan((f1, (k, *c, r)), (f2, (k, r, *o)), (e, *rest, *c), rest, o,
-               tuple(out_labels), rows, tuple(x_labels))
-
-
-def _choose(plan: _Plan, k: int, r: int) -> str:
-  """The path in force: forced by `routing`, else the ``auto`` rule."""
-  path = _ROUTING.get()
-  if path != "auto":
-    return path
-  return "onehot" if k * r <= ONEHOT_MAX_WIDTH else "gather"
-
-
-def _rows(plan: _Plan, x):
-  """x as (examples, rows per example, contracted)."""
-  xt = jnp.transpose(x, [plan.x_labels.index(l) for l in plan.x_order])
-  e = xt.shape[0]
-  return xt.reshape(e, plan.rows_per_example, -1), xt.shape
-
-
-def _finish(plan: _Plan, y, xt_shape):
-  """(examples, rows, o...) back to the use's output layout."""
-  n_rest = len(plan.rest)
-  y = y.reshape(xt_shape[:1 + n_rest] + plan.second[0].shape[2:])
-  order = (plan.x_order[0], *plan.rest, *plan.outs)
-  return jnp.transpose(y, [order.index(l) for l in plan.out_labels])
-
-
-def _onehot(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type):
-  (f1, _), (f2, _) = plan.first, plan.second
-  rows, shape = _rows(plan, x)
-  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-  f1 = f1.reshape(k, -1, f1.shape[-1]).astype(rows.dtype)
-  e, f, c = rows.shape
-  # Batched over k (x broadcast, A read in place: no transposed copy of the bank).
-  xk = jnp.broadcast_to(rows.reshape(1, e * f, c), (k, e * f, c))
-  t = jnp.einsum("kmc,kcr->kmr", xk, f1, **kw).reshape(k, e, f, -1)
-  weight = jax.nn.one_hot(index, k, dtype=jnp.float32) * scale[:, None]
-  t = t * weight.T[:, :, None, None].astype(t.dtype)
-  f2 = f2.reshape(k, f2.shape[1], -1).astype(t.dtype)
-  y = jnp.einsum("kefr,kro->efo", t, f2, **kw)
-  return _finish(plan, y, shape)
-
-
-def _segment(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type):
-  (f1, _), (f2, _) = plan.first, plan.second
-  rows, shape = _rows(plan, x)
-  e, f, c = rows.shape
-  order = jnp.argsort(index, stable=True)
-  groups = (jnp.bincount(index, length=k) * f).astype(jnp.int32)
-  sorted_rows = rows[order].reshape(e * f, c)
-  f1 = f1.reshape(k, c, f1.shape[-1]).astype(rows.dtype)
-  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-  t = jax.lax.ragged_dot(sorted_rows, f1, groups, **kw)
-  t = t * jnp.repeat(scale[order], f)[:, None].astype(t.dtype)
-  f2 = f2.reshape(k, f2.shape[1], -1).astype(t.dtype)
-  y = jax.lax.ragged_dot(t, f2, groups, **kw).reshape(e, f, -1)
-  y = jnp.zeros_like(y).at[order].set(y)  # unsort
-  return _finish(plan, y, shape)
 
 
 # -----------------------------------------------------------------------------
