@@ -10,7 +10,7 @@ from jlora import _structure
 from jlora._adapted import enter
 from jlora._add import check_dtype
 from jlora._errors import Problems
-from jlora._tree import is_quantized, keypath_to_path
+from jlora._tree import is_array, is_quantized, keypath_to_path
 
 
 def merge(params: Any, *, dtype: Any = None, requantize: Any = None) -> Any:
@@ -49,6 +49,10 @@ def merge(params: Any, *, dtype: Any = None, requantize: Any = None) -> Any:
   """
   problems = Problems("jlora: cannot merge")
   check_dtype(dtype, problems, none="each weight's own")
+  if not any(is_array(x) or is_quantized(x)
+             for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+    problems.add(f"params: got {type(params).__name__} with no arrays, so there is nothing "
+                 "to merge; pass the lorified tree")
   problems.raise_if_any()
   base, entries, _ = _structure.read(params, what="the tree passed to merge")
   quantized = any(is_quantized(x) for x in jax.tree.leaves(base, is_leaf=is_quantized))

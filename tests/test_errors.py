@@ -249,3 +249,9 @@ def test_a_models_own_lora_named_leaves_are_not_mistaken_for_jlora_adapters():
   y = jlora.lora(lambda p, x: x @ p["layer"]["kernel"] + x @ p["layer"]["lora_a"] @
                  p["layer"]["lora_b"])(own, jnp.ones(4))
   assert y.shape == (4,)
+
+
+def test_merge_of_a_tree_without_arrays_is_an_error():
+  for params in (None, {}, {"a": "text"}):
+    with pytest.raises(jlora.LoraError, match="nothing to merge"):
+      jlora.merge(params)
