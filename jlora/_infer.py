@@ -24,11 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import numpy as np
 from jax.extend import core as jcore
 
-from jlora import _tree
+from jlora._runtime.trace import trace
 from jlora._errors import Problems
 from jlora._targets import Axes
 from jlora._tree import path_str
@@ -220,30 +218,15 @@ def infer_axes(fn: Callable, params: Any, *args, **kwargs) -> dict[str, Axes]:
   """
   from jlora import _structure
   params = _structure.read(params, what="the tree passed to infer_axes")[0]
-  leaves_kp, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [path_str(_tree.keypath_to_path(kp)) for kp, _ in leaves_kp]
-  leaves = [x for _, x in leaves_kp]
-  arrays = [_tree.is_array(x) for x in leaves]
-  arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
-  dynamic = [isinstance(a, (jax.Array, np.ndarray, np.generic)) for a in arg_leaves]
-
-  def flat_fn(array_leaves, dyn):
-    it, dit = iter(array_leaves), iter(dyn)
-    tree = [next(it) if a else x for x, a in zip(leaves, arrays)]
-    flat_args = [next(dit) if d else a for a, d in zip(arg_leaves, dynamic)]
-    a, kw = jax.tree_util.tree_unflatten(arg_def, flat_args)
-    return fn(jax.tree_util.tree_unflatten(treedef, tree), *a, **kw)
-
-  array_leaves = [x for x, a in zip(leaves, arrays) if a]
-  closed = jax.make_jaxpr(flat_fn)(array_leaves, [a for a, d in zip(arg_leaves, dynamic) if d])
+  t = trace(fn, params, args, kwargs)
+  paths = [path_str(p) for p in t.paths]
   weights = [_Weight(p, tuple((k,) for k in range(x.ndim))) if x.ndim >= 2 else None
-             for p, x, a in zip(paths, leaves, arrays) if a]
+             for p, x in zip(paths, t.leaves)]
   uses = _Uses()
-  n_args = len(closed.jaxpr.invars) - len(weights)
-  _walk(closed.jaxpr, [*weights, *([None] * n_args)], uses)
+  _walk(t.jaxpr.jaxpr, [*weights, *([None] * len(t.args))], uses)
   problems = Problems("jlora: cannot infer the weights' axes from their use")
   out: dict[str, Axes] = {}
-  shapes = {p: x.shape for p, x, a in zip(paths, leaves, arrays) if a}
+  shapes = {p: x.shape for p, x in zip(paths, t.leaves)}
   for path in uses.records:
     roles = uses.resolve(path, problems)
     ndim = len(shapes[path])

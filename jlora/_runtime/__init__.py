@@ -30,6 +30,7 @@ Modules, one concern each:
   dot, conv and gather; control flow);
 * `fusion`: shared-input fusion of down-projections;
 * `interpret`: the evaluator;
+* `trace`: tracing ``fn`` on the base tree (also what `jlora.infer_axes` reads);
 * `lora`: `lora` itself.
 """
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import numpy as np
 
 from jlora import _adapted, _structure
 from jlora._runtime.context import Context
 from jlora._runtime.interpret import evaluate
 from jlora._runtime.registry import dense
-from jlora._tree import is_array, is_quantized, keypath_to_path
+from jlora._runtime.trace import trace
 from jlora.quant import _lazy
-
-
-def _is_dynamic(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Callable:
@@ -86,35 +80,14 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, fuse: bool = True) -> Ca
   @functools.wraps(fn)
   def wrapped(params, *args, **kwargs):
     base, entries, _ = _structure.read(params, what="the tree passed to lora(fn)")
-    base_leaves_kp, base_def = jax.tree_util.tree_flatten_with_path(
-        base, is_leaf=is_quantized)
-    base_leaves = [v for _, v in base_leaves_kp]
-    # Only the tree's arrays are traced; its other leaves (an equinox
-    # Module's activation functions, a flag) pass through as they are.
-    base_dynamic = [is_array(v) or _is_dynamic(v) for v in base_leaves]
-    # A quantized weight is traced as its logical float array, and enters
-    # the interpreter still quantized (dequantized at each use).
-    traced = [v.shape_dtype() if is_quantized(v) else v
-              for v, d in zip(base_leaves, base_dynamic) if d]
-    paths = [keypath_to_path(kp) for kp, _ in base_leaves_kp]
-    arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [_is_dynamic(a) for a in arg_leaves]
-    dyn_vals = [a for a, d in zip(arg_leaves, dynamic) if d]
-
-    def flat_fn(base_vals, dyn_vals):
-      it = iter(dyn_vals)
-      leaves = [next(it) if d else a for a, d in zip(arg_leaves, dynamic)]
-      a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
-      it = iter(base_vals)
-      tree = [next(it) if d else v for v, d in zip(base_leaves, base_dynamic)]
-      return fn(jax.tree_util.tree_unflatten(base_def, tree), *a, **kw)
-
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn_vals)
+    t = trace(fn, base, args, kwargs)
+    # Quantized weights enter the interpreter still quantized (dequantized at
+    # each use).
     invals = [_adapted.enter(v, entries[p]) if p in entries else _lazy.enter(v)
-              for p, v, d in zip(paths, base_leaves, base_dynamic) if d]
+              for p, v in zip(t.paths, t.leaves)]
     ctx = Context(rng=rng, fuse=fuse)
-    outs = dense(ctx, evaluate(ctx, closed.jaxpr, closed.consts, [*invals, *dyn_vals]),
+    outs = dense(ctx, evaluate(ctx, t.jaxpr.jaxpr, t.jaxpr.consts, [*invals, *t.args]),
                  "output")
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+    return jax.tree_util.tree_unflatten(t.out_tree, outs)
 
   return wrapped
