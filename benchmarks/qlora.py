@@ -47,44 +47,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GOALS = {"base_bytes": 0.16, "wall": 1.3}
 
 
-def gguf_params(reader, config, layers: int):
-  """The port's params tree with every GGUF block tensor kept in its blocks.
-
-  Linear weights become ``(in, out)`` kernels as views (``transpose=True``:
-  only the recorded block axis moves), Q and K rows are un-permuted whole
-  blocks at a time (llama.cpp's rotary order, see `unpermute_qk`).
-  """
-  from jlora.quant import from_gguf
-  by_name = {t.name: t for t in reader.tensors}
-
-  def rows(n_heads, out):
-    return np.arange(out).reshape(n_heads, -1, 2).swapaxes(1, 2).reshape(-1)
-
-  def lin(name, heads=None):
-    t = by_name[name]
-    out = int(t.shape[1])
-    return {"kernel": from_gguf(t, transpose=True,
-                                rows=None if heads is None else rows(heads, out))}
-
-  model = {"embed_tokens": {"embedding": from_gguf(by_name["token_embd.weight"])},
-           "norm": {"scale": from_gguf(by_name["output_norm.weight"])}}
-  for i in range(layers):
-    p = f"blk.{i}."
-    model[f"layers_{i}"] = {
-        "input_layernorm": {"scale": from_gguf(by_name[p + "attn_norm.weight"])},
-        "self_attn": {
-            "q_proj": lin(p + "attn_q.weight", config.num_attention_heads),
-            "k_proj": lin(p + "attn_k.weight", config.num_key_value_heads),
-            "v_proj": lin(p + "attn_v.weight"),
-            "o_proj": lin(p + "attn_output.weight"),
-        },
-        "post_attention_layernorm": {"scale": from_gguf(by_name[p + "ffn_norm.weight"])},
-        "mlp": {"gate_proj": lin(p + "ffn_gate.weight"), "up_proj": lin(p + "ffn_up.weight"),
-                "down_proj": lin(p + "ffn_down.weight")},
-    }
-  return {"model": model}
-
-
 def nbytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree, is_leaf=jlora.quant.is_quantized))
 
@@ -110,7 +72,7 @@ def main(argv=None):
       "f32": f32,
       "nf4": jlora.quantize(f32, "nf4"),
       "nf4_dq": jlora.quantize(f32, "nf4", double_quant=True),
-      "q4_1": gguf_params(reader, config, config.num_hidden_layers),
+      "q4_1": llama.convert_gguf(reader, config, blocks=True),
   }
   # The GGUF blocks dequantize to exactly the port's f32 weights.
   k = bases["q4_1"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]

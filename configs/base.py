@@ -10,6 +10,8 @@ rank = 8                  # LoRA rank r
 alpha = 16.0              # LoRA scale numerator: the update is scaled by alpha / rank
 targets = ("query", "value")  # module names that get adapters (Wq, Wv as in the paper)
 head = ("classifier",)    # modules trained in full next to the adapters
+quantize = ""             # frozen base in low precision, as QLoRA: "" (float), "nf4", "int4" or "int8" on every linear kernel outside the head (embeddings and norms stay float)
+double_quant = True       # with quantize nf4 or int4: block scales in 8 bits (QLoRA's double quantization)
 
 # -- optimization
 seed = 0                  # seed of the head, the adapters and the batch order

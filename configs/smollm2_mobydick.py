@@ -20,6 +20,7 @@ layers = 0                # keep only the first N decoder layers (0: all 30; for
 method = "lora"           # "lora" or "full"
 targets = ("q_proj", "v_proj")  # module names that get adapters; all: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 head = ()                 # nothing trained in full (the LM head is tied to embed_tokens)
+quantize = ""             # frozen base: "" (float), "nf4", "int4", "int8" (QLoRA: every linear kernel, the embedding stays float), or "gguf" (the wheel's Q4_1 layers and Q8_0 embedding as shipped, never in float)
 
 # -- optimization
 steps = 40                # a modest default: ~40 x 4 x 128 = 20k training tokens

@@ -108,14 +108,23 @@ def validate(cfg: Mapping[str, Any]) -> None:
                       f"(--batch_size={cfg['batch_size']})")
   elif cfg["layers"] > 30:
     problems.append(f"--layers: SmolLM2-135M has 30 layers, got {cfg['layers']}")
+  formats = training.QUANTIZE + (("gguf",) if task == "mobydick" else ())
+  if cfg["quantize"] not in formats:
+    problems.append(f"--quantize: for task {task!r} expected one of {list(formats)}, "
+                    f"got {cfg['quantize']!r}")
+  elif cfg["quantize"] and cfg["method"] != "lora":
+    problems.append(f"--quantize={cfg['quantize']}: a quantized base is frozen, so it needs "
+                    f"--method=lora (got --method={cfg['method']}); drop --quantize to train "
+                    "every weight")
   if os.sep in cfg["run_name"] or cfg["run_name"] in (".", ".."):
     problems.append(f"--run_name: a folder name under --out_dir, got {cfg['run_name']!r}")
   if cfg["method"] == "lora" and not problems:
     try:
-      jax.eval_shape(lambda t: training.add_lora(t, cfg, key=jax.random.key(0)), _model_shapes(cfg))
+      jax.eval_shape(lambda t: training.add_lora(training.quantize_base(t, cfg), cfg,
+                                                 key=jax.random.key(0)), _model_shapes(cfg))
     except jlora.LoraError as e:
       problems.append(f"--targets={','.join(cfg['targets'])} --rank={cfg['rank']} "
-                      f"--head={','.join(cfg['head'])}: {e}")
+                      f"--head={','.join(cfg['head'])} --quantize={cfg['quantize']}: {e}")
   if problems:
     raise config_lib.ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
@@ -158,6 +167,9 @@ def open_run(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
       raise config_lib.ConfigError(f"{path} exists and is not a run folder; "
                                    "pick another --run_name")
     saved = _read_json(config_file)
+    # A setting added since the run was made counts as its default there.
+    defaults = config_lib.load_file(cfg["config"])[0]
+    saved = {**{k: defaults[k] for k in set(cfg) - set(saved) if k in defaults}, **saved}
     keys = sorted((set(saved) | set(cfg)) - set(NOT_RESULTS))
     changed = [k for k in keys if not _same(saved.get(k), cfg.get(k))]
     if changed:
@@ -202,7 +214,8 @@ def run_fortunes(cfg: dict[str, Any], out: str) -> dict[str, Any]:
   utils.write_json(os.path.join(out, "labels.json"), list(task.label_names))
   utils.write_json(os.path.join(out, "base.json"), {**bert.base_record(), "task": "fortunes",
                                                     "num_labels": len(task.label_names),
-                                                    "pooling": "mean"})
+                                                    "pooling": "mean",
+                                                    "quantize": cfg["quantize"]})
   probe_file = os.path.join(out, "probe.json")
   if os.path.isfile(probe_file):
     probe = _read_json(probe_file)
@@ -293,14 +306,19 @@ def run_mobydick(cfg: dict[str, Any], out: str) -> dict[str, Any]:
         f"{corpus.heldout.size} held-out tokens scored; {corpus.config.num_hidden_layers} layers",
         flush=True)
   utils.write_json(os.path.join(out, "base.json"), {
-      **llama.base_record(), "task": "mobydick", "layers": corpus.config.num_hidden_layers})
+      **llama.base_record(), "task": "mobydick", "layers": corpus.config.num_hidden_layers,
+      "quantize": cfg["quantize"]})
   plain_nll = lm.nll_fn(corpus.config, factored=False)
-  base_ppl = lm.perplexity(plain_nll, corpus.params, corpus.heldout, cfg["eval_batch"],
-                           progress=show, desc="base model perplexity")
-  print(f"base model: held-out perplexity {base_ppl:.2f}", flush=True)
-  before = lm.samples(corpus, corpus.params, cfg["prompts"], cfg["sample_tokens"])
+  base = lm.frozen_base(corpus, cfg) if cfg["method"] == "lora" else corpus.params
+  quantized = bool(cfg["quantize"])  # then only jlora.lora runs it: the plain model needs floats
+  base_ppl = lm.perplexity(lm.nll_fn(corpus.config, factored=True) if quantized else plain_nll,
+                           base, corpus.heldout, cfg["eval_batch"], progress=show,
+                           desc="base model perplexity")
+  what = f"base model ({cfg['quantize']} base)" if quantized else "base model"
+  print(f"{what}: held-out perplexity {base_ppl:.2f}", flush=True)
+  before = lm.samples(corpus, base, cfg["prompts"], cfg["sample_tokens"])
   with _checkpoints(cfg, out) as ckpts:
-    run = lm.train(corpus, cfg, ckpts=ckpts, progress=show)
+    run = lm.train(corpus, cfg, ckpts=ckpts, progress=show, base=base)
     checkpoint_steps = ckpts.all_steps()
   print(_resumed(run), flush=True)
   for e in run["evals"]:
@@ -352,7 +370,8 @@ def report_mobydick(cfg: Mapping[str, Any], result: Mapping[str, Any]) -> list[s
   lines.append(utils.table(
       [first, "held-out ppl", "trainable / total params", "step time", "step peak mem (XLA)",
        "optimizer state"],
-      [[base_label(result["layers"]), f"{result['base_ppl']:.2f}", "-", "-", "-", "-"],
+      [[base_label(result["layers"]) + (f", {cfg['quantize']} base" if cfg["quantize"] else ""),
+        f"{result['base_ppl']:.2f}", "-", "-", "-", "-"],
        [_method_label(cfg, head=False), f"{result['heldout_ppl']:.2f}", _params_cell(result),
         f"{1000 * result['step_time_s']:.0f} ms", utils.mib(result["memory"].get("peak", 0)),
         utils.mib(result["opt_state_bytes"])]]))

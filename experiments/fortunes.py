@@ -123,8 +123,9 @@ def apply_fn(task: Task) -> Callable:
 
 
 def lorify(task: Task, cfg: Mapping[str, Any], seed: int) -> dict:
-  """Base params with LoRA adapters on ``cfg["targets"]`` and a trainable head."""
-  return training.add_lora(base_params(task, seed), cfg, key=jax.random.key(seed + 10_000))
+  """Base params (quantized by ``cfg["quantize"]``) with LoRA adapters and a trainable head."""
+  base = training.quantize_base(base_params(task, seed), cfg)
+  return training.add_lora(base, cfg, key=jax.random.key(seed + 10_000))
 
 
 def batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:

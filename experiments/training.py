@@ -51,6 +51,29 @@ def make_tx(cfg: Mapping[str, Any], body_lr: float) -> optax.GradientTransformat
   return optax.multi_transform({"body": adam(body_lr), "head": adam(cfg["head_lr"])}, labels)
 
 
+QUANTIZE = ("", "nf4", "int4", "int8")  # formats of `quantize_base` ("" = float)
+
+
+def quantize_base(base: Any, cfg: Mapping[str, Any]) -> Any:
+  """The frozen base as the run trains on it: QLoRA's, with ``cfg["quantize"]``.
+
+  Every linear layer's ``kernel`` outside ``cfg["head"]`` becomes a
+  `jlora.quant.Quantized` in that format (``double_quant`` for nf4 and
+  int4); embeddings, norms, biases and the head stay float, as in QLoRA and
+  bitsandbytes. ``""`` (float) and ``"gguf"`` (a tree the loader already
+  read in its GGUF blocks) return ``base`` itself.
+  """
+  fmt = cfg.get("quantize", "")
+  if fmt in ("", "gguf"):
+    return base
+  head = tuple(cfg.get("head", ()))
+  def linear(path: str, leaf) -> bool:
+    parts = path.split("/")
+    return parts[-1] == "kernel" and not set(parts) & set(head)
+  return jlora.quantize(base, fmt, targets=linear,
+                        double_quant=bool(cfg.get("double_quant")) and fmt in ("nf4", "int4"))
+
+
 def add_lora(base: Any, cfg: Mapping[str, Any], *, key: jax.Array) -> Any:
   """``base`` with adapters on ``cfg["targets"]`` and ``cfg["head"]`` trained in full."""
   return jlora.lorify(base, cfg["rank"], key=key, targets=tuple(cfg["targets"]),

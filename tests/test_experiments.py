@@ -247,6 +247,74 @@ def test_run_folder_is_not_replaced_by_another_kind_of_folder(tmp_path):
   assert (tmp_path / "quick-minilm" / "mine.txt").read_text() == "keep"
 
 
+def test_bad_quantize_settings_fail_before_any_run_folder_exists(tmp_path):
+  cases = [(["--quantize=gguf"], "--quantize: for task 'fortunes' expected one of"),
+           (["--quantize=fp8", "--config=smollm2_mobydick"], "'gguf'"),
+           (["--quantize=nf4", "--method=full"], "needs --method=lora"),
+           (["--quantize=int8", "--head=query"], "--quantize=int8")]
+  for args, message in cases:
+    proc = _run("experiments.finetune", *args, f"--out_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
+  assert os.listdir(tmp_path) == []
+
+
+def test_quantize_base_takes_every_linear_kernel_but_the_head():
+  """QLoRA's choice: NF4 kernels; embeddings, norms, biases and the head stay float."""
+  import jax
+
+  import jlora
+  from experiments import training
+  from experiments.models import bert
+
+  shapes = bert.classifier_shapes(bert.BertConfig(), 8)
+  cfg = {"quantize": "nf4", "double_quant": True, "head": ("classifier",)}
+  tree = jax.eval_shape(lambda t: training.quantize_base(t, cfg), shapes)
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=jlora.quant.is_quantized)
+  paths = {jax.tree_util.keystr(kp, simple=True, separator="/"): leaf for kp, leaf in leaves}
+  quantized = {p for p, leaf in paths.items() if jlora.quant.is_quantized(leaf)}
+  kernels = {p for p in paths if p.endswith("/kernel") and "classifier" not in p}
+  assert quantized == kernels and len(kernels) == 6 * 6  # q, k, v, out, intermediate, output
+  assert all(leaf.format == "nf4" and "scale_codes" in leaf.arrays for p, leaf in paths.items()
+             if p in quantized)
+  assert training.quantize_base(shapes, {"quantize": "gguf"}) is shapes
+
+
+@pytest.mark.parametrize("config_name,fmt", [("minilm_fortunes", "nf4"),
+                                             ("smollm2_mobydick", "gguf")])
+def test_main_job_on_a_quantized_base(tmp_path, config_name, fmt):
+  """--quantize: QLoRA in the main job; merged = factored; predict and resume work."""
+  args = ("experiments.finetune", f"--config={config_name}", "--quick", f"--quantize={fmt}",
+          "--progress=false", f"--out_dir={tmp_path}", "--run_name=q")
+  out = _ok(_run(*args))
+  run = os.path.join(tmp_path, "q")
+  res = _results(run)
+  with open(os.path.join(run, "base.json")) as f:
+    assert json.load(f)["quantize"] == fmt
+  if fmt == "gguf":
+    assert "base model (gguf base): held-out perplexity" in out, out
+    assert res["merge_check"]["argmax_agreement"] == 1.0
+    assert abs(res["merge_check"]["merged_ppl"] / res["heldout_ppl"] - 1) < 1e-3
+    text = _ok(_run("experiments.predict", f"--run={run}", "The whale"))
+    assert text.startswith("'The whale' -> "), text
+  else:
+    assert res["merge_check"]["unexplained_disagreements"] == 0
+    text = _ok(_run("experiments.predict", f"--run={run}", "Real programmers count from zero."))
+    assert text.split(" (")[0] in data.FORTUNE_CATEGORIES, text
+  # a run folder made before `quantize` existed resumes as a float run (its default)
+  if fmt == "nf4":
+    with open(os.path.join(run, "config.json")) as f:
+      cfg = json.load(f)
+    proc = _run(*args)
+    assert "0 training steps" in _ok(proc)
+    for key in ("quantize", "double_quant"):
+      del cfg[key]
+    with open(os.path.join(run, "config.json"), "w") as f:
+      json.dump(cfg, f)
+    proc = _run(*args)
+    assert proc.returncode == 2 and "--quantize: the run has '', now 'nf4'" in proc.stderr
+
+
 # --------------------------------------------------------------------------- the experiments
 
 
@@ -277,15 +345,20 @@ def test_data_parallel_takes_its_settings_like_every_script():
 
 def test_methods_compare_quick(tmp_path):
   out = _ok(_run("experiments.methods_compare", "--quick", "--seeds=1", f"--out_dir={tmp_path}"))
-  for method in ("lora", "ia3", "dora"):
+  for method in ("lora", "qlora", "ia3", "dora"):
     assert f"\n| {method} " in out, method
+  assert "qlora - lora, paired over seeds [0]" in out, out
   with open(tmp_path / "methods_compare.json") as f:
     res = json.load(f)
   rows = res["rows"]
   assert res["smoke_test"]
-  assert sorted(r["method"] for r in rows) == ["dora", "ia3", "lora"]
+  assert sorted(r["method"] for r in rows) == ["dora", "ia3", "lora", "qlora"]
   assert all(r["merged_max_abs_logit_diff"] < 1e-4 for r in rows)
-  assert len(os.listdir(tmp_path / "methods")) == 3  # one cached run per method
+  assert all({"date", "load_average_1_5_15"} <= set(r["provenance"]) for r in rows)
+  paired = res["paired_vs_lora"]["qlora"]
+  assert paired["diffs"] == [rows[[r["method"] for r in rows].index("qlora")]["test_acc"]
+                             - rows[[r["method"] for r in rows].index("lora")]["test_acc"]]
+  assert len(os.listdir(tmp_path / "methods")) == 4  # one cached run per method
 
 
 def test_mobydick_lm_quick():

