@@ -427,7 +427,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             **result, "wall_s": time.perf_counter() - t0, "provenance": utils.provenance()}
   utils.write_json(os.path.join(out, "results.json"), result)
   report(cfg, result, out)
-  print(f"wall {result['wall_s']:.0f} s; process max RSS {utils.mib(utils.max_rss_bytes())}")
+  prov = result["provenance"]
+  print(f"wall {result['wall_s']:.0f} s; process max RSS {utils.mib(utils.max_rss_bytes())}; "
+        f"finished {prov['date']}, load average {' / '.join(f'{x:.2f}' for x in prov['load_average_1_5_15'])} "
+        f"on {prov['cpus']} cpus, jax {prov['versions'].get('jax')}")
   return result
 
 

@@ -361,6 +361,25 @@ def test_methods_compare_quick(tmp_path):
   assert len(os.listdir(tmp_path / "methods")) == 4  # one cached run per method
 
 
+def test_protocol_quick():
+  """Issue 15's protocol: a rate per method chosen on validation, seeds at that rate,
+  one committed JSON per run (here under runs/quick), curves drawn from them."""
+  out = _ok(_run("experiments.protocol", "--quick", "--methods=lora,full"))
+  assert "SMOKE TEST" in out and "full - lora, paired" in out, out
+  with open(os.path.join(REPO, "runs", "quick", "protocol_fortunes.json")) as f:
+    res = json.load(f)
+  for method in ("lora", "full"):
+    sel = res["methods"][method]["selection"]
+    assert sel["grid"] == [1e-3, 1e-2] and sel["lr"] in sel["grid"]
+    assert sel["val_acc"][sel["grid"].index(sel["lr"])] == max(sel["val_acc"])
+    assert len(res["methods"][method]["test_acc"]) == 2
+  runs = os.listdir(os.path.join(REPO, "runs", "quick", "protocol"))
+  assert len(runs) >= 5  # 2 rates x 2 methods, and a second seed each (one may be shared)
+  assert os.path.getsize(os.path.join(REPO, "runs", "quick", "protocol_fortunes.png")) > 10_000
+  drawn = {f for m in res["methods"].values() for f in m["selection"]["runs"] + m["runs"]}
+  assert res["plot"]["curves"] == len(drawn) >= 5
+
+
 def test_mobydick_lm_quick():
   """Also the main job's second config (finetune.run_mobydick), on 2 layers."""
   out = _ok(_run("experiments.mobydick_lm", "--quick", "--fresh", "--progress=false"))
