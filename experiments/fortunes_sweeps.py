@@ -75,7 +75,7 @@ def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
                arrays: bool = False) -> dict[str, Any]:
   """Trains (or loads the cached result of) one run.
 
-  Seed-0 runs keep A (LoRA) or ΔW (full) on disk; ``arrays`` requires them.
+  Seed-0 and seed-1 runs keep A (LoRA) or ΔW (full) on disk; ``arrays`` requires them.
   """
   key = json.dumps({k: cfg[k] for k in _RUN_KEYS} | {"seed": seed}, sort_keys=True, default=list)
   name = f"{cfg['method']}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -89,7 +89,7 @@ def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
     res = fortunes.train_probe(task, cfg, seed)
   else:
     res = fortunes.train(task, cfg, seed, measure_memory=memory)
-    if seed == 0:
+    if seed in (0, 1):
       np.savez(path[:-5] + ".npz", **_arrays(task, res["params"], cfg["method"]))
     res = {k: v for k, v in res.items() if k not in ("params", "test_logits")}
   res.update(wall_s=time.perf_counter() - t0, key=json.loads(key))
@@ -207,6 +207,7 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   r1, r2 = sweep["structure_ranks"]
   a1 = _npz(cached_run(run_cfg(sweep, rank=r1), 0, arrays=True))
   a2 = _npz(cached_run(run_cfg(sweep, rank=r2), 0, arrays=True))
+  b1 = _npz(cached_run(run_cfg(sweep, rank=r1), 1, arrays=True))  # same rank, another seed
   full = _npz(cached_run(run_cfg(sweep, method="full"), 0, arrays=True))
   layers = sorted({k.split("/")[0] for k in a1})
   layer = layers[min(sweep["structure_layer"], len(layers) - 1)]
@@ -222,7 +223,13 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
     per_layer = [phi(a1[f"{l}/{m}/lora_a"], a2[f"{l}/{m}/lora_a"])[0, 0] for l in layers]
     shape = a1[f"{layer}/{m}/lora_a"].shape
     rand = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r2)))
+    seeds = [phi(a1[f"{l}/{m}/lora_a"], b1[f"{l}/{m}/lora_a"]) for l in layers]
+    rand_same = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r1)))
     stats[m] = {"phi_1_1_shown_layer": float(p[0, 0]),
+                # the paper's Fig. 4: two seeds at the same rank
+                "phi_1_1_seeds_mean_over_layers": float(np.mean([q[0, 0] for q in seeds])),
+                "phi_r1_r1_seeds_mean_over_layers": float(np.mean([q[-1, -1] for q in seeds])),
+                "phi_1_1_random_same_rank": float(rand_same[0, 0]),
                 "phi_1_1_mean_over_layers": float(np.mean(per_layer)),
                 "phi_r1_r2": float(p[-1, -1]), "phi_1_1_random": float(rand[0, 0]),
                 "phi_r1_r2_random": float(rand[-1, -1])}
@@ -242,6 +249,15 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                           f"{s['phi_1_1_mean_over_layers']:.3f}", f"{s['phi_r1_r2']:.3f}",
                           f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}"]
                          for m, s in stats.items()]),
+            "",
+            f"Two seeds at the same rank r={r1} (seeds 0 and 1: another adapter init, head init "
+            "and batch order), as the paper's Fig. 4, averaged over the 6 layers: shared top "
+            "directions show as φ(1,1) far above the random value; φ(r,r) near the random value "
+            "says the rest of the subspace is seed noise.\n",
+            utils.table(["weight", "φ(1,1) seeds", f"φ({r1},{r1}) seeds", "φ(1,1) random"],
+                        [[f"W{m[0]}", f"{s['phi_1_1_seeds_mean_over_layers']:.3f}",
+                          f"{s['phi_r1_r1_seeds_mean_over_layers']:.3f}",
+                          f"{s['phi_1_1_random_same_rank']:.3f}"] for m, s in stats.items()]),
             "", "![phi](phi.png)", ""]
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))

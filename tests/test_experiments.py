@@ -331,6 +331,10 @@ def test_fortunes_sweeps_quick():
   assert "SMOKE TEST" in out
   for png in ("compare.png", "rank.png", "matrices.png", "phi.png", "spectrum.png"):
     assert os.path.isfile(os.path.join(REPO, "runs", "quick", png)), png
+  assert "Two seeds at the same rank r=1" in out  # the paper's Fig. 4
+  with open(os.path.join(REPO, "runs", "quick", "fortunes_sweeps.json")) as f:
+    phi = json.load(f)["structure"]["phi"]["value"]
+  assert 0 <= phi["phi_1_1_seeds_mean_over_layers"] <= 1
   os.remove(os.path.join(REPO, "runs", "quick", "rank.png"))
   out = _ok(_run("experiments.fortunes_sweeps", "--quick", "--plot"))  # redrawn from the JSON
   assert "redrew" in out and os.path.isfile(os.path.join(REPO, "runs", "quick", "rank.png"))
