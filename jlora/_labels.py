@@ -9,12 +9,16 @@ over labels, which keeps the rules independent of axis order and layout.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import string
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Labels = tuple[str, ...]
 _LETTERS = string.ascii_letters
@@ -126,6 +130,115 @@ def _collapse_free(x, x_labels, factors, out):
   return (x, x_labels[:k] + (merged,) + x_labels[k + n:],
           out[:j] + (merged,) + out[j + n:],
           lambda y: y.reshape(y.shape[:j] + free_shape + y.shape[j + 1:]))
+
+
+def fold_into_matmul(x: jnp.ndarray, x_labels: Sequence[str],
+                     w: jnp.ndarray, w_labels: Sequence[str],
+                     b: jnp.ndarray, b_labels: Sequence[str], out: Sequence[str], *,
+                     t: tuple[jnp.ndarray, Sequence[str]] | None = None,
+                     a: tuple[jnp.ndarray, Sequence[str]] | None = None,
+                     x_for_a: jnp.ndarray | None = None, scale: float = 1.0,
+                     precision=None, preferred_element_type=None) -> jnp.ndarray | None:
+  """``x·W + t·B`` in ``out`` layout, computed as one matmul ``[x | t]·[W ; B]``.
+
+  ``t`` is given (labels: x's free ones, then the rank), or is
+  ``scale·x_for_a·A`` (``x_for_a`` defaults to ``x``; A has x's contracted
+  labels plus the rank). The sum is then the output of a dot, like the plain
+  ``x·W``: XLA cannot re-add it inside each consumer (as it does with
+  ``x·W + t·B`` written as an ``add``), so under ``grad`` only the sum is kept
+  for the backward, not both halves. Differentiation goes through a
+  ``custom_jvp`` whose tangent is ``dx·W + x·dW + dt·B + t·dB``: the
+  concatenated operands are never saved, and a frozen ``W`` gets no dense
+  gradient. Without differentiation, the primal is the two dots and an add.
+
+  Returns None where the layout does not fit: W with batch axes, or A's
+  input axes not the ones x contracts (a tied embedding's ``attend``).
+  """
+  x_labels, w_labels, b_labels, out = (tuple(x_labels), tuple(w_labels),
+                                       tuple(b_labels), tuple(out))
+  contracted = tuple(l for l in x_labels if l in w_labels)
+  free = tuple(l for l in x_labels if l not in w_labels)
+  outputs = tuple(l for l in w_labels if l not in x_labels)
+  rank = tuple(l for l in b_labels if l not in outputs)
+  if (not contracted or not rank or len(contracted) + len(outputs) != len(w_labels)
+      or set(out) != set(free) | set(outputs) or len(out) != len(free) + len(outputs)
+      or set(b_labels) != set(rank) | set(outputs) or x.dtype != w.dtype):
+    return None
+  if t is None:
+    if a is None:
+      return None
+    a_arr, a_labels = a
+    if set(a_labels) != set(contracted) | set(rank) or len(a_labels) != len(contracted) + len(rank):
+      return None
+  else:
+    t_arr, t_labels = t
+    if tuple(sorted(t_labels)) != tuple(sorted(free + rank)):
+      return None
+  sizes = sizes_of((x, x_labels), (w, w_labels), (b, b_labels))
+  m = math.prod(sizes[l] for l in free)
+  k = math.prod(sizes[l] for l in contracted)
+  r = math.prod(sizes[l] for l in rank)
+  n = math.prod(sizes[l] for l in outputs)
+
+  def flat(array, labels, order, shape):
+    perm = [tuple(labels).index(l) for l in order]
+    if perm != list(range(len(perm))):
+      array = jnp.transpose(array, perm)
+    return array.reshape(shape)
+
+  x2 = flat(x, x_labels, free + contracted, (m, k))
+  if t is None:
+    xa = x2 if x_for_a is None else flat(x_for_a, x_labels, free + contracted, (m, k))
+    a2 = flat(a_arr.astype(x.dtype), a_labels, contracted + rank, (k, r))
+    t2 = lax.dot_general(xa, a2, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type)
+    if scale != 1.0:
+      t2 = t2 * jnp.asarray(scale, t2.dtype)
+  else:
+    t2 = flat(t_arr, t_labels, free + rank, (m, r))
+  w2 = flat(w, w_labels, contracted + outputs, (k, n))
+  b2 = flat(b.astype(w.dtype), b_labels, rank + outputs, (r, n))
+  # The weight's axes first when out starts with them (W as the dot's lhs).
+  weight_first = out[0] in outputs
+  y = _stacked_matmul(x2, t2.astype(x.dtype), w2, b2, weight_first, precision,
+                      preferred_element_type)
+  order = outputs + free if weight_first else free + outputs
+  y = y.reshape(tuple(sizes[l] for l in order))
+  perm = [order.index(l) for l in out]
+  return y if perm == list(range(len(perm))) else jnp.transpose(y, perm)
+
+
+def _matmul(p, q, weight_first, precision, preferred):
+  """``p·q`` for ``p`` [m, k], ``q`` [k, n]: [m, n], or [n, m] if weight_first."""
+  if weight_first:
+    return lax.dot_general(q, p, (((0,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred)
+  return lax.dot_general(p, q, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred)
+
+
+def _one_matmul(x, t, w, b, weight_first, precision, preferred):
+  return _matmul(jnp.concatenate([x, t], axis=1), jnp.concatenate([w, b], axis=0),
+                 weight_first, precision, preferred)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _stacked_matmul(x, t, w, b, weight_first, precision, preferred):
+  """``x·w + t·b``; under differentiation as one matmul ``[x | t]·[w ; b]``."""
+  return (_matmul(x, w, weight_first, precision, preferred)
+          + _matmul(t, b, weight_first, precision, preferred))
+
+
+@functools.partial(_stacked_matmul.defjvp, symbolic_zeros=True)
+def _stacked_matmul_jvp(weight_first, precision, preferred, primals, tangents):
+  x, t, w, b = primals
+  y = _one_matmul(x, t, w, b, weight_first, precision, preferred)
+  terms = [_matmul(p, q, weight_first, precision, preferred)
+           for p, q in ((tangents[0], w), (x, tangents[2]), (tangents[1], b),
+                        (t, tangents[3]))
+           if not (isinstance(p, SymbolicZero) or isinstance(q, SymbolicZero))]
+  tangent = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+  return y, tangent
 
 
 def broadcast_to(array: jnp.ndarray, labels: Sequence[str],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 from jax import lax
 
 from jlora import _labels
@@ -33,9 +34,11 @@ def apply_terms(ad: Adapted, hook: str, use, base: Callable):
   sees (IA3 on the input side scales ``x`` before the inner methods).
   """
   fn = base
-  for t in ad.terms:
-    def fn(*args, _t=t, _inner=fn):
+  for k, t in enumerate(ad.terms):
+    def fn(*args, _t=t, _inner=fn, _outer=k > 0):
       use_ = dataclasses.replace(use, x=args[0]) if args else use
+      if _outer and getattr(use_, "weight", None) is not None:
+        use_ = dataclasses.replace(use_, weight=None)  # its inner is not x·W
       out = getattr(_t.method, hook)(use_, _t.arrays, _t.labels, _inner)
       if out is None:
         raise Unsupported
@@ -54,8 +57,10 @@ def dot_use(ctx, eqn, ad: Adapted, x, w_is_rhs: bool):
   x_free = [l for d, l in enumerate(x_labels) if d not in xc and d not in xb]
   w_free = [l for d, l in enumerate(ad.labels) if d not in wc and d not in wb]
   out_labels = tuple(batch + (x_free + w_free if w_is_rhs else w_free + x_free))
+  plain = isinstance(ad.w, jax.Array) and not wb  # not quantized, no batch axes
   use = DotUse(x, tuple(x_labels), out_labels, eqn.params.get("precision"),
-               eqn.params.get("preferred_element_type"), ctx.site_rng(ad.path))
+               eqn.params.get("preferred_element_type"), ctx.site_rng(ad.path),
+               weight=(ad.w, ad.labels) if plain else None)
 
   def base(x_):
     return bind(eqn, [x_, ad.w] if w_is_rhs else [ad.w, x_])

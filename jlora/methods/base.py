@@ -112,6 +112,10 @@ class DotUse:
   # factor and scaled, computed once for all weights that share ``x`` (labels:
   # x's free labels, then the factor's own). None: the method computes it.
   down: Any = None
+  # ``(w, w_labels)``: the base weight as a plain array, given only to the
+  # innermost method (whose ``inner`` is exactly ``x·W``) so that it may fold
+  # its own update into the same matmul (`LoRA.dot`). None otherwise.
+  weight: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

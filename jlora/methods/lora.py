@@ -119,6 +119,15 @@ class LoRA(Method):
     return arrays[0], labels[0], self.scale
 
   def dot(self, use: DotUse, arrays, labels, inner):
+    if use.weight is not None:  # x·W + t·B as one matmul [x | t]·[W ; B]
+      y = _labels.fold_into_matmul(
+          use.x, use.x_labels, *use.weight, arrays[1], labels[1], use.out_labels,
+          t=use.down, a=(arrays[0], labels[0]),
+          x_for_a=dropout(use.x, self.dropout, use.rng) if use.down is None else None,
+          scale=self.scale, precision=use.precision,
+          preferred_element_type=use.preferred_element_type)
+      if y is not None:
+        return y
     if use.down is not None:  # s·x·A was computed with other weights' A (fusion)
       base = inner(use.x)
       delta = _labels.contract(use.out_labels, use.down, (arrays[1], labels[1]),
