@@ -15,6 +15,10 @@ The three are timed interleaved (one call of each per round) so that load
 on a shared machine hits them alike; medians are reported. The goal is
 ``bank / single ≤ 1.2``.
 
+The figures, with the exact command, the date, the load average before and
+after the timing and the versions, go to ``benchmarks/results/mixed_batch.json``
+(``--json PATH`` elsewhere; ``--quick`` writes no file unless given one).
+
 Usage::
 
   python -m benchmarks.mixed_batch            # d 384, 6 layers, seq 128
@@ -25,8 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,7 @@ import numpy as np
 
 import jlora
 from benchmarks.model import GPT, Config
+from benchmarks.reference import RESULTS, interleaved
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -63,7 +69,15 @@ def main(argv=None) -> dict:
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--seq", type=int, default=None)
+  ap.add_argument("--json", default=None,
+                  help="write the figures here (default: benchmarks/results/mixed_batch.json)")
+  ap.add_argument("--note", default="", help="a note stored in the JSON")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
+  from experiments.utils import provenance
+  prov = provenance()
+  prov["command"] = " ".join(["python -m benchmarks.mixed_batch", *argv])
+  prov["versions"]["python"] = prov["python"]
   cfg = Config(layers=2, d=128, heads=4, mlp=512, vocab=1024, seq=32) if args.quick else Config()
   cfg = Config(**{**cfg.__dict__, "batch": args.batch, "seq": args.seq or cfg.seq})
   model, tokens, base, trees = build(cfg, args.adapters, args.rank)
@@ -86,25 +100,31 @@ def main(argv=None) -> dict:
   # Correctness on the way: the bank equals the loop (each example, own adapter).
   got, want = block(runs["bank"]()), block(runs["loop"]())
   err = float(jnp.max(jnp.abs(got - want)))
-  for fn in runs.values():  # compile + warm up
-    block(fn())
-  times: dict[str, list[float]] = {k: [] for k in runs}
-  for _ in range(args.rounds):
-    for name, fn in runs.items():
-      t0 = time.perf_counter()
-      block(fn())
-      times[name].append(time.perf_counter() - t0)
+  # Compile, warm up, then rounds in a rotating order (reference.interleaved).
+  load_before = os.getloadavg()
+  times = interleaved({k: (lambda fn=fn: block(fn())) for k, fn in runs.items()}, args.rounds)
+  load_after = os.getloadavg()
   med = {k: statistics.median(v) for k, v in times.items()}
   result = {
+      **prov, "note": args.note, "quick": args.quick,
+      "load_before_timing": list(load_before), "load_after_timing": list(load_after),
       "config": {**cfg.__dict__, "adapters": args.adapters, "rank": args.rank,
                  "rounds": args.rounds, "targets": TARGETS},
       "device": str(jax.devices()[0]),
+      "times_s": times,
       "median_ms": {k: round(1e3 * v, 2) for k, v in med.items()},
       "bank_over_single": round(med["bank"] / med["single"], 3),
       "loop_over_single": round(med["loop"] / med["single"], 3),
       "max_abs_bank_minus_loop": err,
   }
-  print(json.dumps(result, indent=2))
+  print(json.dumps({k: v for k, v in result.items() if k != "times_s"}, indent=2))
+  path = args.json or (None if args.quick else os.path.join(RESULTS, "mixed_batch.json"))
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
+      f.write("\n")
+    print(f"# wrote {os.path.relpath(path)}")
   return result
 
 
