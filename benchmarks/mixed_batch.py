@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   from experiments.utils import provenance
   prov = provenance()
-  prov["command"] = " ".join(["python -m benchmarks.mixed_batch", *argv])
+  prov["command"] = shlex.join(["python", "-m", "benchmarks.mixed_batch", *argv])
   prov["versions"]["python"] = prov["python"]
   cfg = Config(layers=2, d=128, heads=4, mlp=512, vocab=1024, seq=32) if args.quick else Config()
   cfg = Config(**{**cfg.__dict__, "batch": args.batch, "seq": args.seq or cfg.seq})

@@ -1,221 +1,132 @@
-"""python -m benchmarks.prototypes [--rounds N] [--profile]
+"""python -m benchmarks.prototypes [--rounds N] [--targets all|qv] [--json PATH] [--quick]
 
-Prototypes of faster LoRA train steps, built *outside* the library: each one
-swaps ``jlora.LoRA.dot`` (the factored ``x·W + s·(x·A)·B``) for a variant while
-its step is traced, for the common case of a 2-D kernel used as ``x·W`` on
-x's last axis (every other use goes to the library's own rule). Compared,
-interleaved, against full fine-tuning and the library's jlora step:
+The forms of the adapted dot that issue 14 weighed, on the reference model
+(`benchmarks.reference`), each traced by swapping one piece of the library
+while its function is jitted:
 
-* ``flat``:   x reshaped to 2-D ``[T, d]`` before ``x·A`` and ``(x·A)·B``;
-* ``vjp``:    ``flat`` plus a ``custom_vjp`` that states the backward:
-  ``gt = s·g·Bᵀ``, ``dB = (s·t)ᵀ·g``, ``dA = xᵀ·gt``, ``dx = gt·Aᵀ``, with the
-  token-contracting dots (``dA``, ``dB``) written as ``gᵀ``-free
-  ``dot_general``\\ s contracting axis 0 of both operands;
-* ``concat``: ``x·[W|A]`` as one matmul (forward) and ``[g|gt]·[W|A]ᵀ`` as one
-  matmul (dx), under a ``custom_vjp`` (W gets no gradient).
+* steps ``jlora`` / ``unfused``: the library (``x·W + t·B`` as one matmul
+  ``[x | t]·[W ; B]`` under a ``custom_jvp``, `jlora._labels.fold_into_matmul`);
+* ``jlora_two_dots`` / ``unfused_two_dots``: the form before it (two dots and
+  an ``add``, which XLA:CPU re-adds in each consumer, keeping both halves);
+* forwards ``unmerged``: the library (no differentiation: two dots and an
+  ``add``); ``unmerged_one_matmul``: the one-matmul form as the primal too.
 
-Prints FLOPs, dot count, median step time and ratio to full, and with
-``--profile`` the per-class profile of each (see benchmarks/profile_step.py).
+Reports XLA FLOPs, temporaries, dots, fusions and interleaved median wall
+times (ratios to ``full`` or ``base`` of the same run), and writes them with
+the command, the date, the load before and after and the versions to
+``benchmarks/results/prototypes_<targets>.json`` (``--quick``: a tiny
+config, no file unless ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import json
 import os
+import shlex
 import statistics
+import sys
 
 import jax
-import jax.numpy as jnp
 import optax
-from jax import lax
 
-import jlora
 from benchmarks import reference as R
-from benchmarks.model import Config
-
-_ORIG = jlora.LoRA.dot
-
-
-def _simple(use, arrays, labels):
-  """(a, b, out label) when this is x[..., in]·W[in, out]; else None."""
-  (a, al), (b, bl) = zip(arrays, labels)
-  if a.ndim != 2 or b.ndim != 2 or use.x_labels[-1] != al[0]:
-    return None
-  if tuple(use.out_labels) != tuple(use.x_labels[:-1]) + (bl[1],):
-    return None
-  return a, b
-
-
-def _contract0(p, q):
-  """pᵀ·q for p [T, m], q [T, n] as one dot_general over axis 0."""
-  return lax.dot_general(p, q, (((0,), (0,)), ((), ())))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _delta(x2, a, b, s):
-  return ((x2 @ a) * s) @ b
-
-
-def _delta_fwd(x2, a, b, s):
-  t = (x2 @ a) * s
-  return t @ b, (x2, a, b, t)
-
-
-def _delta_bwd(s, res, g):
-  x2, a, b, t = res
-  gt = (g @ b.T) * s
-  return gt @ a.T, _contract0(x2, gt), _contract0(t, g)
-
-
-_delta.defvjp(_delta_fwd, _delta_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _concat(x2, w, a, b, s):
-  out = w.shape[1]
-  y = x2 @ jnp.concatenate([w, a], 1)
-  return y[:, :out] + (y[:, out:] * s) @ b
-
-
-def _concat_fwd(x2, w, a, b, s):
-  out = w.shape[1]
-  wa = jnp.concatenate([w, a], 1)
-  y = x2 @ wa
-  t = y[:, out:] * s
-  return y[:, :out] + t @ b, (x2, wa, b, t)
-
-
-def _concat_bwd(s, res, g):
-  x2, wa, b, t = res
-  out = b.shape[1]
-  gt = (g @ b.T) * s
-  dx = jnp.concatenate([g, gt], 1) @ wa.T
-  return dx, jnp.zeros_like(wa[:, :out]), _contract0(x2, gt), _contract0(t, g)
-
-
-_concat.defvjp(_concat_fwd, _concat_bwd)
-
-
-def _dot_flat(self, use, arrays, labels, inner):
-  ab = _simple(use, arrays, labels)
-  if ab is None:
-    return _ORIG(self, use, arrays, labels, inner)
-  a, b = ab
-  x = use.x
-  x2 = x.reshape(-1, x.shape[-1])
-  base = inner(x)
-  return base + (((x2 @ a) * self.scale) @ b).reshape(base.shape)
-
-
-def _dot_vjp(self, use, arrays, labels, inner):
-  ab = _simple(use, arrays, labels)
-  if ab is None:
-    return _ORIG(self, use, arrays, labels, inner)
-  x = use.x
-  base = inner(x)
-  return base + _delta(x.reshape(-1, x.shape[-1]), *ab, self.scale).reshape(base.shape)
-
-
-_W = {}
-
-
-def _dot_concat(self, use, arrays, labels, inner):
-  ab = _simple(use, arrays, labels)
-  w = _W.get("w")
-  if ab is None or w is None:
-    return _ORIG(self, use, arrays, labels, inner)
-  x = use.x
-  x2 = x.reshape(-1, x.shape[-1])
-  y = _concat(x2, w, *ab, self.scale)
-  return y.reshape(x.shape[:-1] + (y.shape[-1],))
-
-
-VARIANTS = {"flat": _dot_flat, "vjp": _dot_vjp, "concat": _dot_concat}
+from benchmarks.model import QUICK, Config
+from jlora import _labels
 
 
 @contextlib.contextmanager
-def patched(dot):
-  jlora.LoRA.dot = dot
+def two_dots():
+  """The adapted dot as before: `fold_into_matmul` declines every use."""
+  orig = _labels.fold_into_matmul
+  _labels.fold_into_matmul = lambda *args, **kwargs: None
   try:
     yield
   finally:
-    jlora.LoRA.dot = _ORIG
+    _labels.fold_into_matmul = orig
 
 
-def concat_step(s: R.Setup, tx):
-  """The jlora step, with the base weight visible to the concat rule.
+@contextlib.contextmanager
+def one_matmul_primal():
+  """The one-matmul form also without differentiation (forward only)."""
+  orig = _labels._stacked_matmul
+  _labels._stacked_matmul = _labels._one_matmul
+  try:
+    yield
+  finally:
+    _labels._stacked_matmul = orig
 
-  ``LoRA.dot`` gets ``inner`` (a closure binding the original dot_general with
-  the in-flight weight), not W itself; the prototype recovers W by wrapping
-  ``jlora._runtime._rule_dot_general``.
-  """
-  from jlora import _runtime
-  orig_rule = _runtime._rule_dot_general
 
-  def rule(eqn, invals):
-    lhs, rhs = invals
-    if isinstance(rhs, _runtime.Adapted) and not isinstance(lhs, _runtime.Adapted):
-      _W["w"] = rhs.w
-      try:
-        return orig_rule(eqn, invals)
-      finally:
-        _W.pop("w", None)
-    return orig_rule(eqn, invals)
-
-  return rule, orig_rule
+def compiled_with(patch, fn, args) -> dict:
+  with patch():
+    return R.analyse(lambda *a: fn(*a), args)  # a fresh function: jit caches by identity
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
-  p.add_argument("--rounds", type=int, default=8)
-  p.add_argument("--profile", action="store_true")
-  p.add_argument("--variants", default="flat,vjp,concat")
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--rounds", type=int, default=None, help="step rounds (default 11; forwards 3x)")
+  p.add_argument("--targets", choices=sorted(R.TARGETS), default="all")
+  p.add_argument("--quick", action="store_true", help="tiny config, 2 rounds: a smoke test")
+  p.add_argument("--json", default=None)
+  p.add_argument("--note", default="", help="a note stored in the JSON")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
-  from jlora import _runtime
-  from benchmarks import profile_step as P
+  from experiments.utils import provenance
+  prov = provenance()
+  prov["command"] = shlex.join(["python", "-m", "benchmarks.prototypes", *argv])
+  prov["versions"]["python"] = prov["python"]
 
-  s = R.build(Config(), R.TARGETS["all"])
-  tx = optax.adam(1e-3)
-  steps = R.train_steps(s, tx)
-  compiled = {}
-  for name in ("full", "jlora"):
-    fn, a = steps[name]
-    compiled[name] = (jax.jit(fn).lower(*a).compile(), a)
-  fn, a = steps["jlora"]
-  for v in args.variants.split(","):
-    rule, orig_rule = concat_step(s, tx)
-    _runtime._RULES["dot_general"] = rule
-    try:
-      with patched(VARIANTS[v]):
-        # A fresh function object: jit caches traces by function identity.
-        compiled[v] = (jax.jit(lambda *x: fn(*x)).lower(*a).compile(), a)
-    finally:
-      _runtime._RULES["dot_general"] = orig_rule
-  # Same numbers as the library's step (B is non-zero in the setup).
-  ref = compiled["jlora"][0](*a)
-  for v in args.variants.split(","):
-    out = compiled[v][0](*a)
-    err = max(float(jnp.max(jnp.abs(x - y))) for x, y in
-              zip(jax.tree.leaves(out[0]), jax.tree.leaves(ref[0])))
-    print(f"# {v}: max |updated adapters - jlora's| = {err:.2e}, loss {float(out[2]):.6f} "
-          f"vs {float(ref[2]):.6f}")
+  cfg = QUICK if args.quick else Config()
+  rounds = args.rounds or (2 if args.quick else 11)
+  s = R.build(cfg, R.TARGETS[args.targets])
+  steps = R.train_steps(s, optax.adam(1e-3))
+  fwds = R.forwards(s)
+  step_stats = {n: R.analyse(*steps[n]) for n in ("full", "jlora", "unfused")}
+  for n in ("jlora", "unfused"):
+    step_stats[f"{n}_two_dots"] = compiled_with(two_dots, *steps[n])
+  fwd_stats = {n: R.analyse(*fwds[n]) for n in ("base", "merged", "unmerged")}
+  fwd_stats["unmerged_one_matmul"] = compiled_with(one_matmul_primal, *fwds["unmerged"])
 
-  times = R.interleaved({n: R.jax_call(c, a) for n, (c, a) in compiled.items()}, args.rounds)
-  print(f"\n# load {os.getloadavg()[0]:.2f}, {args.rounds} interleaved rounds\n")
-  print("| step | GFLOP | dots | fusions | ms (median) | x full | x jlora |")
+  def args_of(n, table):
+    return table[n.replace("_two_dots", "").replace("_one_matmul", "")][1]
+
+  load_before = os.getloadavg()
+  times = R.interleaved({n: R.jax_call(st["compiled"], args_of(n, steps))
+                         for n, st in step_stats.items()}, rounds)
+  times.update(R.interleaved({n: R.jax_call(st["compiled"], args_of(n, fwds))
+                              for n, st in fwd_stats.items()}, 3 * rounds))
+  load_after = os.getloadavg()
+  med = {n: statistics.median(v) for n, v in times.items()}
+
+  rows = {}
+  for group, ref in ((step_stats, "full"), (fwd_stats, "base")):
+    for n, st in group.items():
+      rows[n] = {"flops": st["flops"], "temp": st["temp"], "dot": st["dot"],
+                 "fusion": st["fusion"], "median_s": med[n],
+                 "flops_ratio": st["flops"] / group[ref]["flops"],
+                 "temp_ratio": st["temp"] / group[ref]["temp"],
+                 "wall_ratio": med[n] / med[ref], "reference": ref}
+  print(f"# load {load_before[0]:.2f} -> {load_after[0]:.2f}, {rounds} step rounds, "
+        f"{3 * rounds} forward rounds\n")
+  print("| variant | GFLOP | temp MiB | dots | fusions | ms (median) | ratio |")
   print("|---|---:|---:|---:|---:|---:|---:|")
-  med = {n: statistics.median(t) for n, t in times.items()}
-  for n, (c, _) in compiled.items():
-    cost = c.cost_analysis()
-    ops = R.op_counts(c.as_text())
-    print(f"| {n} | {cost['flops'] / 1e9:.2f} | {ops['dot']} | {ops['fusion']} | "
-          f"{med[n] * 1e3:.0f} | {med[n] / med['full']:.3f} | {med[n] / med['jlora']:.3f} |")
-  if args.profile:
-    for n, (c, a) in compiled.items():
-      if n != "full":
-        P.report(n, c, a, 2)
+  for n, r in rows.items():
+    print(f"| {n} | {r['flops'] / 1e9:.3f} | {r['temp'] / 2**20:.2f} | {r['dot']} | "
+          f"{r['fusion']} | {r['median_s'] * 1e3:.1f} | {r['wall_ratio']:.3f} × {r['reference']} |")
+
+  path = args.json or (None if args.quick else
+                       os.path.join(R.RESULTS, f"prototypes_{args.targets}.json"))
+  if path:
+    out = {**prov, "note": args.note, "quick": args.quick,
+           "load_before_timing": list(load_before), "load_after_timing": list(load_after),
+           "config": cfg.__dict__, "targets": R.TARGETS[args.targets], "rounds": rounds,
+           "forward_rounds": 3 * rounds, "variants": rows, "times_s": times}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+      f.write("\n")
+    print(f"\n# wrote {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

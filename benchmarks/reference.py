@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -316,7 +317,7 @@ def provenance(argv: list[str]) -> dict:
   """The exact command, the date, the machine and the versions of this run."""
   from experiments.utils import provenance as base
   out = base()
-  out["command"] = " ".join(["python -m benchmarks.reference", *argv])
+  out["command"] = shlex.join(["python", "-m", "benchmarks.reference", *argv])
   out["versions"]["python"] = out["python"]
   return out
 
