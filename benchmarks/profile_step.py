@@ -1,4 +1,4 @@
-"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR]
+"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR] [--peak]
 
 Per-op wall time of the reference train steps on XLA:CPU. Each step is
 compiled, run under ``jax.profiler.trace`` (XLA:CPU records one event per
@@ -13,6 +13,14 @@ optimised HLO's entry computation is put in a class:
 
 and the table gives, per class: count, ms per step, share and GFLOP/s. With
 ``--dump DIR`` XLA also writes its HLO (``--xla_dump_to``) there.
+
+``--peak`` profiles memory instead of time (no timing, so no quiet machine
+needed): for each step, the buffers XLA's live-range analysis finds live at
+the step's peak (``*-live-range.txt``, "Live ranges at N (peak)"), grouped by
+shape, arguments left out, next to ``memory_analysis().temp_size_in_bytes``;
+``two_dots`` adds the jlora step with the adapted dot in its form before
+issue 14 (`benchmarks.prototypes.two_dots`). Written to
+``benchmarks/results/peak_<targets>.json`` (``--json PATH`` elsewhere).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 
@@ -139,6 +148,62 @@ def report(name, compiled, args, steps):
   return rows
 
 
+def live_at_peak(dump_dir: str, before: set[str], hlo: str) -> dict:
+  """The buffers live at the peak of the module compiled since ``before``."""
+  lr_path = max(set(glob.glob(f"{dump_dir}/*live-range.txt")) - before, key=os.path.getsize)
+  ba_path = lr_path.replace("live-range.txt", "buffer-assignment.txt")
+  lr, ba = open(lr_path).read(), open(ba_path).read()
+  shape = dict(re.findall(r"value: <\d+ ([\w.\-]+) @0> \(size=\d+,offset=\d+\): (\w+\[[0-9,]*\])", ba))
+  entry = hlo[hlo.index("\nENTRY"):]
+  params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(", entry))
+  peak = int(re.search(r"Live ranges at (\d+) \(peak\)", lr).group(1))
+  section = lr[lr.index("(peak):"):]
+  by_shape: dict[str, dict[str, int]] = {}
+  for name, size in re.findall(r"^\s+([\w.\-]+)\{[^}]*\}: (\d+) bytes", section, re.M):
+    if name in params:
+      continue
+    row = by_shape.setdefault(shape.get(name, "?"), {"count": 0, "bytes": 0})
+    row["count"] += 1
+    row["bytes"] += int(size)
+  by_shape = dict(sorted(by_shape.items(), key=lambda kv: -kv[1]["bytes"]))
+  return {"peak_instruction": peak, "live_bytes": sum(r["bytes"] for r in by_shape.values()),
+          "by_shape": by_shape}
+
+
+def peak_report(a, argv):
+  import jax
+  import optax
+  from benchmarks import prototypes
+  from benchmarks import reference as R
+  from benchmarks.model import QUICK, Config
+  from experiments.utils import provenance
+  prov = provenance()
+  prov["command"] = shlex.join(["python", "-m", "benchmarks.profile_step", *argv])
+  prov["versions"]["python"] = prov["python"]
+  cfg = QUICK if a.quick else Config()
+  s = R.build(cfg, R.TARGETS[a.targets])
+  steps = R.train_steps(s, optax.adam(1e-3))
+  out = {}
+  for name in a.steps.split(","):
+    before = set(glob.glob(f"{a.dump}/*live-range.txt"))
+    if name == "two_dots":
+      st = prototypes.compiled_with(prototypes.two_dots, *steps["jlora"])
+    else:
+      st = R.analyse(*steps[name])
+    out[name] = {"temp": st["temp"], **live_at_peak(a.dump, before, st["compiled"].as_text())}
+    print(f"\n### {name}: temp {st['temp'] / 2**20:.2f} MiB, live at the peak (instruction "
+          f"{out[name]['peak_instruction']}) {out[name]['live_bytes'] / 2**20:.2f} MiB\n")
+    for shp, row in list(out[name]["by_shape"].items())[:12]:
+      print(f"  {shp:22s} {row['count']:4d} x  {row['bytes'] / 2**20:8.2f} MiB")
+  path = a.json or (None if a.quick else os.path.join(R.RESULTS, f"peak_{a.targets}.json"))
+  if path:
+    with open(path, "w") as f:
+      json.dump({**prov, "config": cfg.__dict__, "targets": R.TARGETS[a.targets],
+                 "steps": out}, f, indent=1)
+      f.write("\n")
+    print(f"\n# wrote {os.path.relpath(path)}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
@@ -146,7 +211,17 @@ def main(argv=None):
   p.add_argument("--targets", default="all")
   p.add_argument("--traced", type=int, default=3, help="steps run under the profiler")
   p.add_argument("--dump", default=None, help="also --xla_dump_to this folder")
+  p.add_argument("--peak", action="store_true",
+                 help="the buffers live at each step's memory peak, by shape (no timing)")
+  p.add_argument("--json", default=None, help="with --peak: write here")
+  argv = sys.argv[1:] if argv is None else list(argv)
   a = p.parse_args(argv)
+  if a.peak:
+    a.dump = a.dump or tempfile.mkdtemp(prefix="jlora_peak_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={a.dump}"
+                               " --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$"
+                               " --xla_dump_hlo_module_re=jit_(full|step|_lambda)").strip()
+    return peak_report(a, argv)
   if a.dump:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={a.dump} --xla_dump_hlo_as_text").strip()
