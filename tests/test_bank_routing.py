@@ -106,6 +106,12 @@ def test_auto_rule_and_bad_path():
   assert routing_lib.choose_path(plan, 1, 8) == "onehot"
   assert routing_lib.choose_path(plan, w // 8, 8) == "onehot"
   assert routing_lib.choose_path(plan, w // 8 + 1, 8) == "gather"
+  # Rows per example: decode (1 row) routes one-hot, a 128-token forward gathers.
+  import types
+  one, seq = types.SimpleNamespace(rows_per_example=1), types.SimpleNamespace(rows_per_example=128)
+  assert routing_lib.choose_path(one, 16, 8) == "onehot"
+  assert routing_lib.choose_path(seq, 16, 8) == "gather"
+  assert routing_lib.choose_path(seq, 1, 8) == "onehot"  # one adapter: no extra work
   with bank_lib.routing("segment"):
     assert routing_lib.choose_path(plan, 256, 8) == "segment"
   with pytest.raises(jlora.LoraError, match="pass one of"):

@@ -40,8 +40,15 @@ from jlora._errors import LoraError
 ROUTINGS = ("auto", "gather", "onehot", "segment")
 _ROUTING = contextvars.ContextVar("jlora_bank_routing", default="auto")
 # The ``auto`` rule: one-hot while the bank's width ``K·r`` stays within this
-# many columns (measured, BENCHMARKS.md "Serving"), else the gather.
+# many columns (measured, BENCHMARKS.md "Serving"), else the gather ...
 ONEHOT_MAX_WIDTH = 128
+# ... and while one-hot's extra work stays below the gather's copies. Per
+# example and adapter value, one-hot does ``2·(K − 1)·rows`` more FLOPs than
+# the gather (``rows``: the example's tokens), which instead copies that value
+# once; on CPU a copied value costs about this many FLOPs. So decode (1 row an
+# example) routes one-hot at K 16, a full-sequence forward (128 rows) gathers
+# (BENCHMARKS.md "Mixed-task batches": one-hot there was 2.1× a single adapter).
+ONEHOT_FLOPS_PER_COPY = 64
 
 
 @contextlib.contextmanager
@@ -129,12 +136,17 @@ def plan_of(x, x_labels, fa, fb, out_labels, e) -> _Plan | None:
                tuple(out_labels), rows, tuple(x_labels))
 
 
-def choose_path(plan: _Plan, k: int, r: int) -> str:
-  """The path in force: forced by `routing`, else the ``auto`` rule."""
+def choose_path(plan: _Plan | None, k: int, r: int) -> str:
+  """The path in force: forced by `routing`, else the ``auto`` rule.
+
+  ``plan`` gives the rows per example (``None``: one row, as in decode).
+  """
   path = _ROUTING.get()
   if path != "auto":
     return path
-  return "onehot" if k * r <= ONEHOT_MAX_WIDTH else "gather"
+  rows = 1 if plan is None else plan.rows_per_example
+  cheap = k * r <= ONEHOT_MAX_WIDTH and 2 * (k - 1) * rows <= ONEHOT_FLOPS_PER_COPY
+  return "onehot" if cheap else "gather"
 
 
 def _rows(plan: _Plan, x):
