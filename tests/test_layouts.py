@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 
 import jlora
-from helpers import assert_trees_close, randomize_adapters
+from helpers import assert_grads_match_merged, randomize_adapters
 
 dims = st.integers(1, 4)
 
@@ -96,18 +96,7 @@ def test_gradients_equal_merged_reference_in_any_layout(case, seed):
   params, fn, x, axes = build(case, seed)
   p = randomize_adapters(add(case["method"], params, case["rank"], axes, seed),
                          jax.random.key(seed + 1))
-  adapters, frozen = jlora.partition(p)
-  cot = jax.random.normal(jax.random.key(seed + 2), jax.eval_shape(fn, params, x).shape)
-
-  def factored(a):
-    return jnp.sum(jlora.lora(fn)(jlora.combine(a, frozen), x) * cot)
-
-  def reference(a):
-    return jnp.sum(fn(jlora.merge(jlora.combine(a, frozen)), x) * cot)
-
-  got, want = jax.jit(jax.grad(factored))(adapters), jax.jit(jax.grad(reference))(adapters)
-  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
-  assert_trees_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+  assert_grads_match_merged(fn, p, x, jax.random.key(seed + 2))
 
 
 @given(permuted(), st.integers(0, 2**16))

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import given
 
 import jlora
-from helpers import assert_trees_close, randomize_adapters
+from helpers import assert_grads_match_merged, assert_trees_close, randomize_adapters
 
 dims = st.integers(1, 5)
 
@@ -99,19 +99,7 @@ def test_gradients_equal_merged_reference(layout, seed):
   layout = dict(layout, dtype=jnp.float32)  # the rtol-1e-5 claim is for f32
   _, lorified, fn, x = build(layout, seed)
   lorified = randomize_adapters(lorified, jax.random.key(seed + 2))
-  adapters, frozen = jlora.partition(lorified)
-  cot = jax.random.normal(jax.random.key(seed + 3),
-                          jax.eval_shape(fn, jlora.merge(lorified), x).shape)
-
-  def factored(a):
-    return jnp.sum(jlora.lora(fn)(jlora.combine(a, frozen), x) * cot)
-
-  def reference(a):
-    return jnp.sum(fn(jlora.merge(jlora.combine(a, frozen)), x) * cot)
-
-  got, want = jax.jit(jax.grad(factored))(adapters), jax.jit(jax.grad(reference))(adapters)
-  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
-  assert_trees_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+  assert_grads_match_merged(fn, lorified, x, jax.random.key(seed + 3))
 
 
 @given(layouts(), st.integers(0, 2**16),
