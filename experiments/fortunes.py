@@ -185,11 +185,12 @@ def features(task: Task, batch: int = 64, *, cache: bool = True,
 
 
 def train_probe(task: Task, cfg: Mapping[str, Any], seed: int, *,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, eval_every: int = 0) -> dict[str, Any]:
   """Trains the head alone on cached frozen features; returns its accuracies.
 
   The same loop as every other run (`training.fit`, the head as a "full"
-  run of ``probe_steps`` steps at ``head_lr``).
+  run of ``probe_steps`` steps at ``head_lr``), with the validation accuracy
+  every ``eval_every`` steps (0: after the last) in ``"evals"``.
   """
   feats = features(task, cfg["eval_batch"], progress=progress)
   head = base_params(task, seed)["classifier"]
@@ -201,16 +202,17 @@ def train_probe(task: Task, cfg: Mapping[str, Any], seed: int, *,
 
   probe_cfg = dict(cfg, steps=cfg["probe_steps"], head=())
   runner = training.Runner("full", loss_fn, training.make_tx(probe_cfg, cfg["head_lr"]), head)
+  acc_of = lambda h, name: accuracy(np.asarray(logits_of(h, feats[name])),  # noqa: E731
+                                    getattr(task, name).labels)
   run = training.fit(runner, head, steps=cfg["probe_steps"],
                      indices=batches(len(task.train), cfg["batch_size"], seed),
                      make_batch=lambda idx: {"x": feats["train"][idx], "y": task.train.labels[idx]},
+                     evaluate=lambda h: {"val_acc": acc_of(h, "val")}, eval_every=eval_every,
                      progress=progress, desc="probe (head only)", measure_memory=False)
-  acc = {name: accuracy(np.asarray(logits_of(run.params, feats[name])), getattr(task, name).labels)
-         for name in ("val", "test")}
-  return {"method": "probe", "seed": seed, "val_acc": acc["val"], "test_acc": acc["test"],
-          "trainable_params": utils.tree_size(head),
+  return {"method": "probe", "seed": seed, "val_acc": acc_of(run.params, "val"),
+          "test_acc": acc_of(run.params, "test"), "trainable_params": utils.tree_size(head),
           "total_params": utils.tree_size(base_params(task, seed)),
-          "opt_state_bytes": run.opt_state_bytes}
+          "opt_state_bytes": run.opt_state_bytes, "losses": run.losses, "evals": run.evals}
 
 
 # --------------------------------------------------------------------------- training

@@ -15,7 +15,9 @@ data set, cached probe features and cached runs:
    same shape and norm.
 
 Each run has the settings of ``configs/minilm_fortunes.py`` (the main job's
-budget; the sweep evaluates only at the end), beside the sweep's own
+budget; the sweep evaluates only at the end) at the learning rates
+`experiments.protocol` selected on the validation split for LoRA and full
+fine-tuning (``--rates=config`` keeps ``lr`` and ``full_lr``), beside the sweep's own
 (``OWN``; ``--help`` lists them all), then the command line. Each finished
 run is cached under ``runs/sweeps`` (keyed by its settings), so an
 interrupted sweep resumes and sections share runs (the rank sweep's r=8
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import finetune, fortunes, utils
+from experiments import finetune, fortunes, protocol, utils
 from experiments.config import REPO_ROOT
 
 # The sweeps' own settings, beside those of configs/minilm_fortunes.py (which
@@ -44,7 +46,9 @@ from experiments.config import REPO_ROOT
 OWN = {
     "sections": (("compare", "structure", "rank", "matrices"), "the experiments to run, in order"),
     "seeds": (3, "seeds of the comparison (experiment 2)"),
-    "sweep_seeds": (1, "seeds of the rank and matrix sweeps"),
+    "sweep_seeds": (3, "seeds of the rank and matrix sweeps"),
+    "rates": ("protocol", "'protocol': lr and full_lr are the rates experiments.protocol selected "
+              "on validation for lora and full (results/protocol_fortunes.json); 'config': as set"),
     "ranks": ((1, 2, 4, 8, 16, 64), "ranks of the rank sweep (LoRA on Wq, Wv)"),
     "budget_rank": (8, "rank of one adapted matrix; 2 matrices get budget/2, 4 get budget/4"),
     "matrices": (("query", "key", "value", "out", "query+key", "query+value",
@@ -54,9 +58,11 @@ OWN = {
     "plot": (False, "only redraw compare/rank/matrices.png from the results JSON (no training)"),
 }
 OVER = dict(eval_every=150)  # the sweep's runs evaluate once, at the end
-# --quick: 3 trainings (LoRA r=1, r=2, full), every other run shared through the cache.
-QUICK = dict(seeds=1, rank=2, ranks=(1, 2), budget_rank=2, matrices=("query+value",),
-             structure_ranks=(1, 2), steps=3, eval_every=3, train_size=128, test_size=64)
+# --quick: 5 trainings (LoRA r=1, r=2 at seeds 0, 1; full), every other run shared
+# through the cache.
+QUICK = dict(seeds=1, sweep_seeds=2, rank=2, ranks=(1, 2), budget_rank=2,
+             matrices=("query+value",), structure_ranks=(1, 2), steps=3, eval_every=3,
+             train_size=128, test_size=64)
 CACHE = os.path.join(REPO_ROOT, "runs", "sweeps")
 _RUN_KEYS = ("method", "rank", "alpha", "targets", "head", "lr", "full_lr", "head_lr", "warmup",
              "steps", "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
@@ -152,13 +158,17 @@ def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   runs = {r: [cached_run(run_cfg(sweep, rank=r), s, arrays=s == 0 and r in sweep["structure_ranks"])
               for s in range(sweep["sweep_seeds"])] for r in sweep["ranks"]}
   out["rank"] = runs
+  out["rank_paired"] = vs = _paired(runs, sweep["rank"])
   rows = [[r, f"{rs[0]['trainable_params']:,}", utils.pm([x["test_acc"] for x in rs], 100),
-           utils.pm([x["step_time_s"] for x in rs], 1000, 0) + " ms"] for r, rs in runs.items()]
+           _paired_cell(vs.get(r)), utils.pm([x["step_time_s"] for x in rs], 1000, 0) + " ms"]
+          for r, rs in runs.items()]
   plot_rank(out, utils.out_path(sweep["quick"], "rank.png"))
   return ["## 3. Rank sweep (LoRA on Wq + Wv, paper Table 6)\n",
           f"{sweep['sweep_seeds']} seed(s) per rank; alpha fixed at 16 (scale 16/r, as the paper "
-          "fixes alpha); trainable = adapters + head.\n",
-          utils.table(["rank", "trainable params", "test acc %", "step time"], rows),
+          f"fixes alpha); trainable = adapters + head; paired = this rank minus r={sweep['rank']} "
+          "on the same seeds (points; two-sided paired t-test).\n",
+          utils.table(["rank", "trainable params", "test acc %", f"paired vs r={sweep['rank']}",
+                       "step time"], rows),
           "", "![rank](rank.png)", ""]
 
 
@@ -170,16 +180,35 @@ def matrices(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
     runs[spec] = [cached_run(run_cfg(sweep, targets=targets, rank=r), s)
                   for s in range(sweep["sweep_seeds"])]
   out["matrices"] = runs
+  out["matrices_paired"] = vs = _paired(runs, "query+value")
   names = [_weights_name(spec) for spec in runs]
   rows = [[n, rs[0]["rank"], f"{rs[0]['trainable_params']:,}",
-           utils.pm([x["test_acc"] for x in rs], 100)] for n, rs in zip(names, runs.values())]
+           utils.pm([x["test_acc"] for x in rs], 100), _paired_cell(vs.get(spec))]
+          for n, (spec, rs) in zip(names, runs.items())]
   plot_matrices(out, utils.out_path(sweep["quick"], "matrices.png"))
   return ["## 4. Which weight matrices (fixed budget, paper Table 5)\n",
           f"{sweep['sweep_seeds']} seed(s) per setting; 1 matrix at r={sweep['budget_rank']}, 2 at "
           f"r={sweep['budget_rank'] // 2}, 4 at r={sweep['budget_rank'] // 4} (the same number of "
-          "adapter parameters), alpha 16.\n",
-          utils.table(["weights", "rank", "trainable params", "test acc %"], rows),
+          "adapter parameters), alpha 16; paired = this setting minus Wq+Wv on the same seeds "
+          "(points; two-sided paired t-test).\n",
+          utils.table(["weights", "rank", "trainable params", "test acc %", "paired vs Wq+Wv"],
+                      rows),
           "", "![matrices](matrices.png)", ""]
+
+
+def _paired(runs: dict, ref) -> dict:
+  """Each setting's test accuracy minus ``ref``'s, seed by seed (`protocol.paired`)."""
+  if ref not in runs:
+    return {}
+  acc = lambda rs: {x["seed"]: x["test_acc"] for x in rs}  # noqa: E731
+  return {k: protocol.paired(acc(rs), acc(runs[ref])) for k, rs in runs.items() if k != ref}
+
+
+def _paired_cell(p: dict | None) -> str:
+  if not p or not p["seeds"]:
+    return "-"
+  return (f"{100 * p['mean']:+.2f} ({p['ahead']}/{len(p['seeds'])} ahead"
+          + (f", p = {p['p']:.2f}" if p["p"] is not None else "") + ")")
 
 
 def phi(a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
@@ -208,6 +237,7 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   a1 = _npz(cached_run(run_cfg(sweep, rank=r1), 0, arrays=True))
   a2 = _npz(cached_run(run_cfg(sweep, rank=r2), 0, arrays=True))
   b1 = _npz(cached_run(run_cfg(sweep, rank=r1), 1, arrays=True))  # same rank, another seed
+  b2 = _npz(cached_run(run_cfg(sweep, rank=r2), 1, arrays=True))
   full = _npz(cached_run(run_cfg(sweep, method="full"), 0, arrays=True))
   layers = sorted({k.split("/")[0] for k in a1})
   layer = layers[min(sweep["structure_layer"], len(layers) - 1)]
@@ -224,12 +254,22 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
     shape = a1[f"{layer}/{m}/lora_a"].shape
     rand = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r2)))
     seeds = [phi(a1[f"{l}/{m}/lora_a"], b1[f"{l}/{m}/lora_a"]) for l in layers]
+    seeds2 = [phi(a2[f"{l}/{m}/lora_a"], b2[f"{l}/{m}/lora_a"]) for l in layers]
     rand_same = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r1)))
+    rand_same2 = phi(rng.standard_normal((shape[0], r2)), rng.standard_normal((shape[0], r2)))
     stats[m] = {"phi_1_1_shown_layer": float(p[0, 0]),
                 # the paper's Fig. 4: two seeds at the same rank
                 "phi_1_1_seeds_mean_over_layers": float(np.mean([q[0, 0] for q in seeds])),
                 "phi_r1_r1_seeds_mean_over_layers": float(np.mean([q[-1, -1] for q in seeds])),
                 "phi_1_1_random_same_rank": float(rand_same[0, 0]),
+                "phi_r1_r1_random_same_rank": float(rand_same[-1, -1]),
+                "phi_1_1_seeds_r2_mean_over_layers": float(np.mean([q[0, 0] for q in seeds2])),
+                "phi_r1_r1_seeds_r2_mean_over_layers": float(np.mean([q[r1 - 1, r1 - 1]
+                                                                      for q in seeds2])),
+                "phi_r2_r2_seeds_r2_mean_over_layers": float(np.mean([q[-1, -1] for q in seeds2])),
+                "phi_1_1_random_r2": float(rand_same2[0, 0]),
+                "phi_r1_r1_random_r2": float(rand_same2[r1 - 1, r1 - 1]),
+                "phi_r2_r2_random_r2": float(rand_same2[-1, -1]),
                 "phi_1_1_mean_over_layers": float(np.mean(per_layer)),
                 "phi_r1_r2": float(p[-1, -1]), "phi_1_1_random": float(rand[0, 0]),
                 "phi_r1_r2_random": float(rand[-1, -1])}
@@ -250,14 +290,25 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                           f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}"]
                          for m, s in stats.items()]),
             "",
-            f"Two seeds at the same rank r={r1} (seeds 0 and 1: another adapter init, head init "
-            "and batch order), as the paper's Fig. 4, averaged over the 6 layers: shared top "
+            f"Two seeds at the same rank, r={r1} and r={r2} (seeds 0 and 1: another adapter "
+            "init, head init and batch order), as the paper's Fig. 4, averaged over the 6 "
+            "layers, against two random Gaussian matrices of the same shape: shared top "
             "directions show as φ(1,1) far above the random value; φ(r,r) near the random value "
             "says the rest of the subspace is seed noise.\n",
-            utils.table(["weight", "φ(1,1) seeds", f"φ({r1},{r1}) seeds", "φ(1,1) random"],
-                        [[f"W{m[0]}", f"{s['phi_1_1_seeds_mean_over_layers']:.3f}",
-                          f"{s['phi_r1_r1_seeds_mean_over_layers']:.3f}",
-                          f"{s['phi_1_1_random_same_rank']:.3f}"] for m, s in stats.items()]),
+            utils.table(["weight", "rank", "φ(1,1) seeds", "φ(1,1) random",
+                         f"φ({r1},{r1}) seeds", f"φ({r1},{r1}) random", "φ(r,r) seeds",
+                         "φ(r,r) random"],
+                        [row for m, s in stats.items() for row in (
+                            [f"W{m[0]}", r1, f"{s['phi_1_1_seeds_mean_over_layers']:.3f}",
+                             f"{s['phi_1_1_random_same_rank']:.3f}",
+                             f"{s['phi_r1_r1_seeds_mean_over_layers']:.3f}",
+                             f"{s['phi_r1_r1_random_same_rank']:.3f}", "(same)", "(same)"],
+                            [f"W{m[0]}", r2, f"{s['phi_1_1_seeds_r2_mean_over_layers']:.3f}",
+                             f"{s['phi_1_1_random_r2']:.3f}",
+                             f"{s['phi_r1_r1_seeds_r2_mean_over_layers']:.3f}",
+                             f"{s['phi_r1_r1_random_r2']:.3f}",
+                             f"{s['phi_r2_r2_seeds_r2_mean_over_layers']:.3f}",
+                             f"{s['phi_r2_r2_random_r2']:.3f}"])]),
             "", "![phi](phi.png)", ""]
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -404,6 +455,26 @@ def redraw(results: str, folder: str) -> list[str]:
   return done
 
 
+def protocol_rates(sweep: dict[str, Any]) -> dict[str, float]:
+  """``lr`` and ``full_lr`` from the protocol's selection, if ``rates`` asks for it."""
+  if sweep["rates"] == "config" or sweep["quick"]:
+    return {}
+  if sweep["rates"] != "protocol":
+    raise config_lib.ConfigError(f"--rates: {sweep['rates']!r}; valid: 'protocol', 'config'")
+  path = os.path.join(REPO_ROOT, "experiments", "results", "protocol_fortunes.json")
+  chosen = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      methods = json.load(f).get("methods", {})
+    chosen = {k: methods[m]["selection"]["lr"] for k, m in (("lr", "lora"), ("full_lr", "full"))
+              if m in methods}
+  if len(chosen) < 2:
+    raise config_lib.ConfigError(
+        f"--rates=protocol: {path} has no selected rate for both lora and full; run "
+        "`python -m experiments.protocol --methods=lora,full` first, or pass --rates=config")
+  return chosen
+
+
 SECTIONS = {"compare": compare, "rank": rank, "matrices": matrices, "structure": structure}
 
 
@@ -423,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("(phi.png and spectrum.png need the trained arrays of runs/sweeps: run the "
           "structure section to redraw them)")
     return {}
+  sweep = dict(sweep, **protocol_rates(sweep))
   finetune.validate(run_cfg(sweep))  # before any data: targets, rank, ...
   utils.setup_jax(sweep["compile_cache"])
   t0 = time.perf_counter()

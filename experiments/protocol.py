@@ -1,88 +1,95 @@
-"""python -m experiments.protocol [--methods=lora,full] [--quick] [--key=value ...]
+"""python -m experiments.protocol [--config=minilm_fortunes|smollm2_mobydick] [--methods=lora,full] [--quick] [--key=value ...]
 
-The paper's protocol (issue 15), in one place, for MiniLM + fortunes:
+The paper's protocol (issue 15), in one place, for MiniLM + fortunes
+(classification, scored by accuracy) and SmolLM2 + Moby Dick (language
+modelling, scored by held-out perplexity):
 
 1. **Select** each method's learning rate on the validation split: one run
-   (seed ``select_seed``) at every rate of its grid (``GRIDS``: 4 or more
-   rates spanning at least 10x), scored by the validation accuracy at the end
-   of training. Test accuracy plays no part in the choice.
+   (seed ``select_seed``) at every rate of its grid (``SETUPS[...].grids``:
+   4 or more rates spanning at least 10x), scored on validation at the end
+   of training. The test split plays no part in the choice.
 2. **Report** at the selected rate: ``seeds`` seeds (the selection run is
-   one of them), test accuracy as mean ± sample std, and a paired
+   one of them), the test metric as mean ± sample std, and a paired
    comparison of every method against ``reference`` on the same seeds (same
-   head initialisation, same batches).
-3. **Budget check**: validation accuracy every ``eval_every`` steps. A run has
-   converged when the best validation accuracy of its last third is within
-   ``plateau`` of its best before that (it has stopped improving).
+   initialisation, same batches).
+3. **Budget check**: the validation metric every ``eval_every`` steps. A run
+   has converged when the best validation score of its last third is within
+   ``plateau`` of its best before that (it has stopped improving). The score
+   is accuracy for fortunes and minus the log perplexity (the mean NLL in
+   nats) for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
+   perplexity.
 
-Methods: ``lora`` (r, alpha, targets from the config), ``lora_all`` (the
-same rank on q, k, v, attention out and both feed-forward layers), ``qlora``
-(``lora`` on an NF4 base with double quantization), ``ia3``, ``dora`` (as in
-`experiments.methods_compare`) and ``full`` (every weight). The head is
-trained in full next to every method, at ``head_lr``; only the body's rate
-is swept.
+Moby Dick has no validation split of its own: the held-out chapters' first
+``eval_tokens`` tokens are the validation rows and the next ``eval_tokens``
+the test rows, both scored in windows of ``seq_len + 1``. Its methods are
+``lora`` (the config's targets) and ``full``.
 
-Every finished run is a JSON under ``experiments/results/protocol/`` (its
-settings, the validation curve, test accuracy, date, load and versions),
-keyed by its settings, so an interrupted protocol resumes and every number
-it reports is a committed file. The summary goes to
-``experiments/results/protocol_fortunes.json``. ``--quick``: a smoke run
-under ``runs/quick`` whose numbers mean nothing.
+Methods: ``probe`` (the head alone on the frozen encoder's features,
+``probe_steps`` steps), ``lora`` (r, alpha, targets from the config),
+``lora_all`` (the same rank on q, k, v, attention out and both feed-forward
+layers), ``qlora`` (``lora`` on an NF4 base with double quantization),
+``ia3``, ``dora`` (as in `experiments.methods_compare`) and ``full`` (every
+weight). The head is trained in full next to every method, at ``head_lr``;
+only the body's rate is swept (the probe has no body: its grid is the
+head's rate).
+
+Experiments 3-5 (`experiments.fortunes_sweeps`) run at the rates this
+selects for ``lora`` and ``full``.
+
+Every finished run is a JSON under ``experiments/results/protocol/`` (for
+Moby Dick ``protocol_mobydick/``: its settings, the validation curve, the
+test metric, date, load and versions), keyed by its settings, so an
+interrupted protocol resumes and every number it reports is a committed
+file. The summary goes to ``experiments/results/protocol_fortunes.json``
+(``protocol_mobydick.json``) with the curves in a PNG of the same name.
+``--quick``: a smoke run under ``runs/quick`` whose numbers mean nothing.
 
 Examples::
 
   python -m experiments.protocol --methods=lora,full          # experiment 2's verdict
+  python -m experiments.protocol --methods=probe,lora,full,lora_all,ia3,dora,qlora
   python -m experiments.protocol --methods=lora --select_only # the sweep alone
+  python -m experiments.protocol --config=smollm2_mobydick    # LoRA vs full on Moby Dick
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import finetune, fortunes, methods_compare, utils
+from experiments import finetune, fortunes, lm, methods_compare, utils
 from experiments.config import REPO_ROOT
 
-# Body learning rates tried per method: 4 or more, spanning at least 10x,
-# centred on the rate each method ran at before.
-GRIDS = {
-    "lora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
-    "lora_all": (5e-4, 1e-3, 2e-3, 5e-3),
-    "qlora": (5e-4, 1e-3, 2e-3, 5e-3),
-    "dora": (5e-4, 1e-3, 2e-3, 5e-3),
-    "ia3": (3e-3, 1e-2, 3e-2, 1e-1),
-    "full": (1e-5, 3e-5, 1e-4, 3e-4),
-}
 ALL_LINEAR = ("query", "key", "value", "out", "intermediate", "output")
 OWN = {
-    "methods": (("lora", "full"), f"methods, from {tuple(GRIDS)}"),
+    "methods": (("lora", "full"), "methods: probe, lora, lora_all, qlora, ia3, dora, full "
+                "(Moby Dick: lora, full)"),
     "reference": ("lora", "the method the others are compared with, seed by seed"),
     "select_seed": (0, "seed of the learning-rate selection runs"),
     "seeds": (3, "seeds at the selected rate (0..N-1; the selection seed is one of them)"),
-    "plateau": (0.01, "converged: best val acc of the last third within this of the best before"),
+    "plateau": (0.01, "converged: best val score of the last third within this of the best before"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
 }
-OVER = dict(eval_every=25)  # a validation curve for the budget check
-QUICK = dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64)
 QUICK_GRID = (1e-3, 1e-2)
-# The settings that make a run's result (the cache key), beside method, rate and seed.
-RUN_KEYS = ("rank", "alpha", "targets", "head", "head_lr", "warmup", "steps", "weight_decay",
-            "batch_size", "max_len", "split_seed", "test_fraction", "val_size", "train_size",
-            "test_size", "eval_every", "eval_batch", "ia3_lr")
 
 
-def run_folder(quick: bool) -> str:
-  return (os.path.join(REPO_ROOT, "runs", "quick", "protocol") if quick
-          else os.path.join(REPO_ROOT, "experiments", "results", "protocol"))
+# --------------------------------------------------------------------------- the two tasks
 
 
-def _body(task, cfg: dict[str, Any], method: str, seed: int, lr: float) -> dict[str, Any]:
+def _fortunes_body(task, cfg: dict[str, Any], method: str, seed: int, lr: float) -> dict[str, Any]:
   """Trains one (method, rate, seed): the fortunes loop of every experiment."""
+  if method == "probe":  # the rate is the head's: the body is frozen
+    return fortunes.train_probe(task, dict(cfg, head_lr=lr), seed,
+                                eval_every=max(1, cfg["probe_steps"] // 8))
   if method == "full":
     return fortunes.train(task, dict(cfg, method="full"), seed, lr=lr, measure_memory=False)
   variant = dict(cfg, method="lora")
@@ -93,56 +100,148 @@ def _body(task, cfg: dict[str, Any], method: str, seed: int, lr: float) -> dict[
                         params=methods_compare.add_method(task, variant, name, seed))
 
 
-def run(task, cfg: dict[str, Any], method: str, seed: int, lr: float) -> dict[str, Any]:
+def _mobydick_data(cfg: dict[str, Any]) -> dict[str, Any]:
+  """The corpus with validation rows as its held-out rows, and the test rows beside it."""
+  corpus = lm.load_corpus(cfg["seq_len"], cfg["n_heldout"], 2 * cfg["eval_tokens"],
+                          cfg["layers"])
+  n = corpus.heldout.shape[0] // 2
+  return {"corpus": dataclasses.replace(corpus, heldout=corpus.heldout[:n]),
+          "test": corpus.heldout[n:2 * n]}
+
+
+def _mobydick_body(data, cfg: dict[str, Any], method: str, seed: int, lr: float) -> dict[str, Any]:
+  """Trains SmolLM2 (LoRA or full) for one (rate, seed); validation and test perplexity."""
+  run_cfg = dict(cfg, method=method, seed=seed, **{"lr" if method == "lora" else "full_lr": lr})
+  res = lm.train(data["corpus"], run_cfg, measure_memory=False)
+  nll = lm.nll_fn(data["corpus"].config, factored=method == "lora")
+  return {"val_ppl": res["heldout_ppl"],
+          "test_ppl": lm.perplexity(nll, res["params"], data["test"], cfg["eval_batch"]),
+          "evals": [{"step": e["step"], "val_ppl": e["heldout_ppl"]} for e in res["evals"]],
+          "losses": res["losses"], "trainable_params": res["trainable_params"],
+          "total_params": res["total_params"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """One task under the protocol: its config, rate grids, data, training and metric."""
+
+  config: str
+  name: str  # the summary's name and the per-run folder's
+  grids: dict[str, tuple[float, ...]]  # body learning rates tried per method
+  run_keys: tuple[str, ...]  # the settings that make a run's result (its cache key)
+  over: dict[str, Any]
+  quick: dict[str, Any]
+  data: Callable[[dict[str, Any]], Any]
+  body: Callable[..., dict[str, Any]]
+  metric: str  # "acc" or "ppl": the row keys are val_<metric> and test_<metric>
+  score: Callable[[float], float]  # higher is better
+  show: Callable[[float], str]
+
+  def folder(self, quick: bool) -> str:
+    return os.path.join(REPO_ROOT, *(("runs", "quick") if quick else ("experiments", "results")),
+                        "protocol" if self.name == "fortunes" else f"protocol_{self.name}")
+
+
+SETUPS = {
+    "minilm_fortunes": Setup(
+        config="minilm_fortunes", name="fortunes",
+        # 4 or more rates spanning at least 10x, centred on the rate each method ran at before
+        grids={"probe": (5e-4, 2e-3, 5e-3, 2e-2), "lora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+               "lora_all": (5e-4, 1e-3, 2e-3, 5e-3),
+               # qlora and dora chose 5e-3, their largest rate, so 1e-2 was added (as lora's)
+               "qlora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2), "dora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+               "ia3": (3e-3, 1e-2, 3e-2, 1e-1),
+               "full": (1e-5, 3e-5, 1e-4, 3e-4)},
+        run_keys=("rank", "alpha", "targets", "head", "head_lr", "warmup", "steps",
+                  "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
+                  "val_size", "train_size", "test_size", "eval_every", "eval_batch", "ia3_lr"),
+        over=dict(eval_every=25),  # a validation curve for the budget check
+        quick=dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64),
+        data=fortunes.task_from, body=_fortunes_body, metric="acc", score=float,
+        show=lambda v: f"{100 * v:.1f}"),
+    "smollm2_mobydick": Setup(
+        config="smollm2_mobydick", name="mobydick",
+        grids={"lora": (3e-4, 1e-3, 3e-3, 1e-2), "full": (5e-6, 1e-5, 2e-5, 5e-5)},
+        run_keys=("rank", "alpha", "targets", "head", "warmup", "steps", "weight_decay",
+                  "batch_size", "seq_len", "n_heldout", "eval_tokens", "eval_every",
+                  "eval_batch", "layers"),
+        over=dict(eval_every=10),
+        quick=dict(eval_every=1, seeds=2),
+        data=_mobydick_data, body=_mobydick_body, metric="ppl", score=lambda v: -math.log(v),
+        show=lambda v: f"{v:.2f}"),
+}
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def run(setup: Setup, data, cfg: dict[str, Any], method: str, seed: int,
+        lr: float) -> dict[str, Any]:
   """One run, from its committed JSON if it exists, else trained and written."""
-  key = {k: cfg[k] for k in RUN_KEYS if k in cfg}
+  key = {k: cfg[k] for k in setup.run_keys if k in cfg}
   key.update(method=method, seed=seed, lr=lr)
+  if method == "probe":
+    key.update(probe_steps=cfg["probe_steps"])
   digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:10]
-  path = os.path.join(run_folder(cfg["quick"]), f"{method}-lr{lr:g}-s{seed}-{digest}.json")
+  path = os.path.join(setup.folder(cfg["quick"]), f"{method}-lr{lr:g}-s{seed}-{digest}.json")
   if os.path.isfile(path):
     with open(path) as f:
       return dict(json.load(f), file=os.path.basename(path))
   t0 = time.perf_counter()
-  res = _body(task, cfg, method, seed, lr)
-  row = {"method": method, "lr": lr, "seed": seed, "test_acc": res["test_acc"],
-         "val_acc": res["val_acc"], "evals": res["evals"], "losses": res["losses"],
+  res = setup.body(data, cfg, method, seed, lr)
+  val, test = f"val_{setup.metric}", f"test_{setup.metric}"
+  row = {"method": method, "lr": lr, "seed": seed, test: res[test], val: res[val],
+         "evals": res["evals"], "losses": res["losses"],
          "trainable_params": res["trainable_params"], "total_params": res["total_params"],
          "train_s": time.perf_counter() - t0, "settings": key, "provenance": utils.provenance()}
   utils.write_json(path, row)
   row["file"] = os.path.basename(path)
-  print(f"  {method:<8} lr {lr:<7g} seed {seed}: val acc {row['val_acc']:.4f}  test acc "
-        f"{row['test_acc']:.4f}  ({row['train_s']:.0f} s)", flush=True)
+  print(f"  {method:<8} lr {lr:<7g} seed {seed}: {val} {setup.show(row[val])}  {test} "
+        f"{setup.show(row[test])}  ({row['train_s']:.0f} s)", flush=True)
   return row
 
 
-def converged(evals: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
-  """Whether validation accuracy stopped improving: the last third against the rest."""
-  accs = [e["val_acc"] for e in evals]
-  cut = max(1, len(accs) - max(1, len(accs) // 3))
-  before, last = max(accs[:cut]), max(accs[cut:]) if accs[cut:] else max(accs[:cut])
-  best_step = evals[int(np.argmax(accs))]["step"]
-  return {"converged": bool(last <= before + tolerance), "best_val_step": best_step,
-          "best_val_before_last_third": before, "best_val_last_third": last}
+def converged(evals: list[dict[str, Any]], tolerance: float, key: str = "val_acc",
+              score: Callable[[float], float] = float) -> dict[str, Any]:
+  """Whether the validation score stopped improving: the last third against the rest."""
+  scores = [score(e[key]) for e in evals]
+  cut = max(1, len(scores) - max(1, len(scores) // 3))
+  before = max(scores[:cut])
+  last = max(scores[cut:]) if scores[cut:] else before
+  return {"converged": bool(last <= before + tolerance),
+          "best_val_step": evals[int(np.argmax(scores))]["step"],
+          "best_val_score_before_last_third": before, "best_val_score_last_third": last}
 
 
-def select(task, cfg: dict[str, Any], method: str) -> dict[str, Any]:
-  """The grid at ``select_seed``; the rate with the best final validation accuracy."""
-  grid = QUICK_GRID if cfg["quick"] else GRIDS[method]
-  rows = [run(task, cfg, method, cfg["select_seed"], lr) for lr in grid]
-  best = max(rows, key=lambda r: (r["val_acc"], -r["lr"]))  # ties: the smaller rate
-  return {"grid": list(grid), "val_acc": [r["val_acc"] for r in rows], "lr": best["lr"],
+def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> dict[str, Any]:
+  """The grid at ``select_seed``; the rate with the best final validation score."""
+  grid = QUICK_GRID if cfg["quick"] else setup.grids[method]
+  rows = [run(setup, data, cfg, method, cfg["select_seed"], lr) for lr in grid]
+  val = f"val_{setup.metric}"
+  best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
+  return {"grid": list(grid), val: [r[val] for r in rows], "lr": best["lr"],
           "edge": best["lr"] in (min(grid), max(grid)),
-          "budget": converged(best["evals"], cfg["plateau"]), "runs": [r["file"] for r in rows]}
+          "budget": converged(best["evals"], cfg["plateau"], val, setup.score),
+          "runs": [r["file"] for r in rows]}
 
 
-def paired(mine: dict[int, float], ref: dict[int, float]) -> dict[str, Any]:
+def paired(mine: dict[int, float], ref: dict[int, float],
+           score: Callable[[float], float] = float) -> dict[str, Any]:
+  """``mine - ref`` seed by seed; "ahead" = the better score (higher accuracy, lower
+  perplexity); ``p``: the two-sided paired t-test's p-value (None under 2 seeds)."""
+  from scipy import stats
+
   seeds = sorted(set(mine) & set(ref))
   diffs = [mine[s] - ref[s] for s in seeds]
+  p = (float(stats.ttest_rel([mine[s] for s in seeds], [ref[s] for s in seeds]).pvalue)
+       if len(seeds) > 1 and np.std(diffs) > 0 else None)
   return {"seeds": seeds, "diffs": diffs, "mean": float(np.mean(diffs)) if diffs else None,
-          "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)}
+          "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None, "p": p,
+          "ahead": sum(score(mine[s]) > score(ref[s]) for s in seeds),
+          "behind": sum(score(mine[s]) < score(ref[s]) for s in seeds)}
 
 
-def plot(out: dict[str, Any], path: str) -> int:
+def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
   """Validation curves: per method, the sweep at the selection seed (thin) and
   every seed at the selected rate (thick); accuracy axes from 0 to 100."""
   import matplotlib
@@ -150,7 +249,8 @@ def plot(out: dict[str, Any], path: str) -> int:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  folder = run_folder(bool(out["smoke_test"]))
+  folder = setup.folder(bool(out["smoke_test"]))
+  val = f"val_{setup.metric}"
   methods = list(out["methods"])
   fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
   drawn = 0
@@ -164,73 +264,99 @@ def plot(out: dict[str, Any], path: str) -> int:
     for r in sorted(rows, key=lambda r: (r["lr"] == chosen, r["lr"], r["seed"])):
       drawn += 1
       steps = [e["step"] for e in r["evals"]]
-      accs = [100 * e["val_acc"] for e in r["evals"]]
+      ys = [100 * e[val] if setup.metric == "acc" else e[val] for e in r["evals"]]
       if r["lr"] == chosen:
-        ax.plot(steps, accs, "o-", lw=2, ms=3, label=f"lr {r['lr']:g}, seed {r['seed']}")
+        ax.plot(steps, ys, "o-", lw=2, ms=3, label=f"lr {r['lr']:g}, seed {r['seed']}")
       elif r["seed"] == out["settings"]["select_seed"]:
-        ax.plot(steps, accs, lw=0.8, alpha=0.6, label=f"lr {r['lr']:g} (sweep)")
-    ax.set(title=method, xlabel="step", ylabel="validation accuracy %", ylim=(0, 100))
+        ax.plot(steps, ys, lw=0.8, alpha=0.6, label=f"lr {r['lr']:g} (sweep)")
+    if setup.metric == "acc":
+      ax.set(ylabel="validation accuracy %", ylim=(0, 100))
+    else:
+      ax.set(ylabel="validation perplexity (log scale)", yscale="log")
+    ax.set(title=method, xlabel="step")
     ax.legend(fontsize=7)
-  title = "validation curves, learning-rate sweeps and selected rates"
+  title = f"{setup.name}: validation curves, learning-rate sweeps and selected rates"
   fig.suptitle(title + (" (SMOKE TEST: meaningless)" if out["smoke_test"] else ""), y=1.02)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return drawn
 
 
+def _config_name(argv: list[str]) -> str:
+  names = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  name = names[-1] if names else "minilm_fortunes"
+  if name not in SETUPS:
+    raise config_lib.ConfigError(f"--config={name}: the protocol runs {list(SETUPS)}")
+  return name
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  cfg = config_lib.load(argv or [], default="minilm_fortunes", own=OWN, own_quick=QUICK,
-                        over=OVER, fixed=True, usage=__doc__)
-  cfg = dict(cfg, ia3_lr=None, progress=False)
-  unknown = [m for m in cfg["methods"] if m not in GRIDS]
+  argv = list(argv or [])
+  setup = SETUPS[_config_name(argv)]
+  cfg = config_lib.load(argv, default=setup.config, own=OWN, own_quick=setup.quick,
+                        over=setup.over, fixed=True, usage=__doc__)
+  cfg = dict(cfg, progress=False, **({"ia3_lr": None} if setup.name == "fortunes" else {}))
+  unknown = [m for m in cfg["methods"] if m not in setup.grids]
   if unknown:
-    raise config_lib.ConfigError(f"--methods: unknown {unknown}; valid: {list(GRIDS)}")
-  if cfg["reference"] not in GRIDS:
-    raise config_lib.ConfigError(f"--reference: {cfg['reference']!r} is not one of {list(GRIDS)}")
+    raise config_lib.ConfigError(f"--methods: unknown {unknown} for {setup.config}; valid: "
+                                 f"{list(setup.grids)}")
+  if cfg["reference"] not in setup.grids:
+    raise config_lib.ConfigError(f"--reference: {cfg['reference']!r} is not one of "
+                                 f"{list(setup.grids)}")
   cfg["targets"] = tuple(cfg["targets"])
   finetune.validate(dict(cfg, method="lora"))  # before any data: targets, rank, ...
   utils.setup_jax(cfg["compile_cache"])
-  with utils.phase("loading MiniLM and tokenizing the fortunes"):
-    task = fortunes.task_from(cfg)
+  with utils.phase(f"loading the data of {setup.config}"):
+    data = setup.data(cfg)
   out: dict[str, Any] = {"settings": cfg, "provenance": utils.provenance(),
                          "smoke_test": utils.SMOKE_TEST if cfg["quick"] else False,
                          "methods": {}}
-  seeds = range(cfg["seeds"])
+  test = f"test_{setup.metric}"
   for method in cfg["methods"]:
     print(f"[{method}] learning-rate selection on the validation split", flush=True)
-    chosen = select(task, cfg, method)
+    chosen = select(setup, data, cfg, method)
     entry = {"selection": chosen}
     if not cfg["select_only"]:
-      rows = [run(task, cfg, method, s, chosen["lr"]) for s in seeds]
-      accs = [r["test_acc"] for r in rows]
-      entry.update(runs=[r["file"] for r in rows], test_acc={r["seed"]: r["test_acc"] for r in rows},
-                   mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)) if len(accs) > 1
-                   else None, trainable_params=rows[0]["trainable_params"])
+      rows = [run(setup, data, cfg, method, s, chosen["lr"]) for s in range(cfg["seeds"])]
+      values = [r[test] for r in rows]
+      entry.update(runs=[r["file"] for r in rows], **{test: {r["seed"]: r[test] for r in rows}},
+                   mean=float(np.mean(values)),
+                   std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                   trainable_params=rows[0]["trainable_params"])
     out["methods"][method] = entry
-  ref = out["methods"].get(cfg["reference"], {}).get("test_acc")
-  lines = []
-  for method, e in out["methods"].items():
-    s = e["selection"]
-    grid = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in zip(s["grid"], s["val_acc"]))
-    lines.append(f"{method}: val acc by rate ({grid}) -> lr {s['lr']:g}"
-                 f"{' (at the edge of the grid)' if s['edge'] else ''}; budget "
-                 f"{'converged' if s['budget']['converged'] else 'NOT converged'} "
-                 f"(best val at step {s['budget']['best_val_step']})")
-    if "test_acc" in e:
-      lines.append(f"  test acc over {len(e['test_acc'])} seeds: "
-                   f"{utils.pm(list(e['test_acc'].values()), 100, 2)}")
-      if ref and method != cfg["reference"]:
-        e["paired_vs_reference"] = p = paired(e["test_acc"], ref)
-        lines.append(f"  {method} - {cfg['reference']}, paired: {100 * p['mean']:+.2f} points, "
-                     f"ahead in {p['ahead']}, behind in {p['behind']} of {len(p['seeds'])} seeds")
-  path = utils.out_path(cfg["quick"], "protocol_fortunes.json")
+  lines = report(setup, cfg, out)
+  path = utils.out_path(cfg["quick"], f"protocol_{setup.name}.json")
   out["plot"] = {"file": os.path.basename(path[:-5] + ".png"),
-                 "curves": plot(out, path[:-5] + ".png")}
+                 "curves": plot(setup, out, path[:-5] + ".png")}
   utils.write_json(path, out)
   if cfg["quick"]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))
   return out
+
+
+def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
+  """The printed summary; adds each method's paired comparison with the reference to ``out``."""
+  val, test = f"val_{setup.metric}", f"test_{setup.metric}"
+  scale, unit = (100, " points") if setup.metric == "acc" else (1, "")
+  ref = out["methods"].get(cfg["reference"], {}).get(test)
+  lines = []
+  for method, e in out["methods"].items():
+    s = e["selection"]
+    grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
+    lines.append(f"{method}: {val} by rate ({grid}) -> lr {s['lr']:g}"
+                 f"{' (at the edge of the grid)' if s['edge'] else ''}; budget "
+                 f"{'converged' if s['budget']['converged'] else 'NOT converged'} "
+                 f"(best val at step {s['budget']['best_val_step']})")
+    if test in e:
+      lines.append(f"  {test} over {len(e[test])} seeds: "
+                   f"{utils.pm(list(e[test].values()), scale, 2)}")
+      if ref and method != cfg["reference"]:
+        e["paired_vs_reference"] = p = paired(e[test], ref, setup.score)
+        lines.append(f"  {method} - {cfg['reference']}, paired: {scale * p['mean']:+.2f}{unit}, "
+                     f"ahead in {p['ahead']}, behind in {p['behind']} of {len(p['seeds'])} seeds"
+                     + (f", paired t-test p = {p['p']:.3f}" if p["p"] is not None else ""))
+  return lines
 
 
 if __name__ == "__main__":

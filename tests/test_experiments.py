@@ -88,7 +88,7 @@ def test_a_variant_config_holds_only_overrides_of_the_base():
 
 
 SCRIPTS = ["finetune", "fortunes_sweeps", "methods_compare", "mobydick_lm", "param_count",
-           "data_parallel", "peft_equivalence", "predict"]
+           "data_parallel", "peft_equivalence", "predict", "protocol"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -331,13 +331,25 @@ def test_fortunes_sweeps_quick():
   assert "SMOKE TEST" in out
   for png in ("compare.png", "rank.png", "matrices.png", "phi.png", "spectrum.png"):
     assert os.path.isfile(os.path.join(REPO, "runs", "quick", png)), png
-  assert "Two seeds at the same rank r=1" in out  # the paper's Fig. 4
+  assert "Two seeds at the same rank, r=1 and r=2" in out  # the paper's Fig. 4
+  assert "paired vs r=2" in out and "paired vs Wq+Wv" in out
   with open(os.path.join(REPO, "runs", "quick", "fortunes_sweeps.json")) as f:
-    phi = json.load(f)["structure"]["phi"]["value"]
+    res = json.load(f)
+  phi = res["structure"]["phi"]["value"]
   assert 0 <= phi["phi_1_1_seeds_mean_over_layers"] <= 1
+  assert 0 <= phi["phi_r2_r2_seeds_r2_mean_over_layers"] <= 1
+  r1 = {x["seed"]: x["test_acc"] for x in res["rank"]["1"]}
+  r2 = {x["seed"]: x["test_acc"] for x in res["rank"]["2"]}
+  assert res["rank_paired"]["1"]["diffs"] == [r1[s] - r2[s] for s in (0, 1)]
   os.remove(os.path.join(REPO, "runs", "quick", "rank.png"))
   out = _ok(_run("experiments.fortunes_sweeps", "--quick", "--plot"))  # redrawn from the JSON
   assert "redrew" in out and os.path.isfile(os.path.join(REPO, "runs", "quick", "rank.png"))
+
+
+def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
+  proc = _run("experiments.fortunes_sweeps", "--rates=tuned", timeout=120)
+  assert proc.returncode == 2 and "--rates: 'tuned'; valid: 'protocol', 'config'" in proc.stderr
+  assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
 
 
 def test_data_parallel_takes_its_settings_like_every_script():
@@ -368,20 +380,42 @@ def test_methods_compare_quick(tmp_path):
 def test_protocol_quick():
   """Issue 15's protocol: a rate per method chosen on validation, seeds at that rate,
   one committed JSON per run (here under runs/quick), curves drawn from them."""
-  out = _ok(_run("experiments.protocol", "--quick", "--methods=lora,full"))
-  assert "SMOKE TEST" in out and "full - lora, paired" in out, out
+  out = _ok(_run("experiments.protocol", "--quick", "--methods=probe,lora,full"))
+  assert "SMOKE TEST" in out and "full - lora, paired" in out and "probe - lora" in out, out
   with open(os.path.join(REPO, "runs", "quick", "protocol_fortunes.json")) as f:
     res = json.load(f)
-  for method in ("lora", "full"):
+  probe = res["methods"]["probe"]["selection"]
+  assert probe["budget"]["best_val_step"] > 0  # the probe has a validation curve too
+  for method in ("probe", "lora", "full"):
     sel = res["methods"][method]["selection"]
     assert sel["grid"] == [1e-3, 1e-2] and sel["lr"] in sel["grid"]
     assert sel["val_acc"][sel["grid"].index(sel["lr"])] == max(sel["val_acc"])
     assert len(res["methods"][method]["test_acc"]) == 2
   runs = os.listdir(os.path.join(REPO, "runs", "quick", "protocol"))
-  assert len(runs) >= 5  # 2 rates x 2 methods, and a second seed each (one may be shared)
+  assert len(runs) >= 8  # 2 rates x 3 methods, and a second seed each (one may be shared)
   assert os.path.getsize(os.path.join(REPO, "runs", "quick", "protocol_fortunes.png")) > 10_000
   drawn = {f for m in res["methods"].values() for f in m["selection"]["runs"] + m["runs"]}
   assert res["plot"]["curves"] == len(drawn) >= 5
+
+
+def test_protocol_quick_on_moby_dick():
+  """The same protocol on SmolLM2: perplexity, lower is better, validation rows != test rows."""
+  out = _ok(_run("experiments.protocol", "--quick", "--config=smollm2_mobydick"))
+  assert "full - lora, paired" in out and "val_ppl by rate" in out, out
+  with open(os.path.join(REPO, "runs", "quick", "protocol_mobydick.json")) as f:
+    res = json.load(f)
+  lora, full = res["methods"]["lora"], res["methods"]["full"]
+  sel = lora["selection"]
+  assert sel["val_ppl"][sel["grid"].index(sel["lr"])] == min(sel["val_ppl"])  # lower wins
+  p = full["paired_vs_reference"]
+  better = sum(full["test_ppl"][s] < lora["test_ppl"][s] for s in full["test_ppl"])
+  assert p["ahead"] == better and p["ahead"] + p["behind"] == 2
+  runs = []
+  for name in lora["runs"]:
+    with open(os.path.join(REPO, "runs", "quick", "protocol_mobydick", name)) as f:
+      runs.append(json.load(f))
+  assert all(r["val_ppl"] != r["test_ppl"] for r in runs)  # two different sets of rows
+  assert all(len(r["evals"]) == 2 for r in runs)  # every step: 2 of 2 (--quick)
 
 
 def test_mobydick_lm_quick():
