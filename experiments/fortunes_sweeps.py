@@ -239,6 +239,10 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   b1 = _npz(cached_run(run_cfg(sweep, rank=r1), 1, arrays=True))  # same rank, another seed
   b2 = _npz(cached_run(run_cfg(sweep, rank=r2), 1, arrays=True))
   full = _npz(cached_run(run_cfg(sweep, method="full"), 0, arrays=True))
+  # the two ranks' A before training (seed 0 both): does the init alone share directions?
+  task = fortunes.task_from(run_cfg(sweep))
+  i1, i2 = (_arrays(task, fortunes.lorify(task, run_cfg(sweep, rank=r), 0), "lora")
+            for r in (r1, r2))
   layers = sorted({k.split("/")[0] for k in a1})
   layer = layers[min(sweep["structure_layer"], len(layers) - 1)]
   rng = np.random.default_rng(0)
@@ -251,6 +255,8 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                    extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
     ax.set(title=f"φ(A r={r1}, A r={r2}), {layer} W{m[0]}", xlabel="j", ylabel="i")
     per_layer = [phi(a1[f"{l}/{m}/lora_a"], a2[f"{l}/{m}/lora_a"])[0, 0] for l in layers]
+    # the same two ranks from different seeds (another head init and batch order too)
+    cross = [phi(a1[f"{l}/{m}/lora_a"], b2[f"{l}/{m}/lora_a"])[0, 0] for l in layers]
     shape = a1[f"{layer}/{m}/lora_a"].shape
     rand = phi(rng.standard_normal((shape[0], r1)), rng.standard_normal((shape[0], r2)))
     seeds = [phi(a1[f"{l}/{m}/lora_a"], b1[f"{l}/{m}/lora_a"]) for l in layers]
@@ -271,6 +277,9 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
                 "phi_r1_r1_random_r2": float(rand_same2[r1 - 1, r1 - 1]),
                 "phi_r2_r2_random_r2": float(rand_same2[-1, -1]),
                 "phi_1_1_mean_over_layers": float(np.mean(per_layer)),
+                "phi_1_1_cross_seed_mean_over_layers": float(np.mean(cross)),
+                "phi_1_1_init_mean_over_layers": float(np.mean(
+                    [phi(i1[f"{l}/{m}/lora_a"], i2[f"{l}/{m}/lora_a"])[0, 0] for l in layers])),
                 "phi_r1_r2": float(p[-1, -1]), "phi_1_1_random": float(rand[0, 0]),
                 "phi_r1_r2_random": float(rand[-1, -1])}
   # zoomed: i, j <= r1 for both, as the paper's right-hand panels
@@ -280,14 +289,20 @@ def structure(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   fig.colorbar(im, ax=axes.tolist(), label="φ")
   fig.savefig(utils.out_path(sweep["quick"], "phi.png"), dpi=110, bbox_inches="tight")
   plt.close(fig)
-  lines += [f"Learned A of the r={r1} and r={r2} runs (seed 0; each from its own random init), "
-            f"φ(i, j) as in the paper's Fig. 3; heatmaps of {layer}, numbers also averaged over "
-            "the 6 layers, next to the same φ for two random Gaussian matrices of those shapes.\n",
+  lines += [f"Learned A of the r={r1} and r={r2} runs (seed 0 both: each from its own random "
+            "init, but the same head init and batch order), φ(i, j) as in the paper's Fig. 3; "
+            f"heatmaps of {layer}, numbers also averaged over the 6 layers, next to the same φ "
+            f"for two random Gaussian matrices of those shapes, and φ(1,1) of r={r1} seed 0 "
+            f"against r={r2} seed 1 (a different head init and batch order as well) and of the "
+            "two seed-0 adapters before training.\n",
             utils.table(["weight", f"φ(1,1) {layer}", "φ(1,1) mean of layers",
-                         f"φ({r1},{r2})", "φ(1,1) random", f"φ({r1},{r2}) random"],
+                         f"φ({r1},{r2}) {layer}", "φ(1,1) random", f"φ({r1},{r2}) random",
+                         f"φ(1,1) mean, r={r2} of seed 1", "φ(1,1) mean, at init"],
                         [[f"W{m[0]}", f"{s['phi_1_1_shown_layer']:.3f}",
                           f"{s['phi_1_1_mean_over_layers']:.3f}", f"{s['phi_r1_r2']:.3f}",
-                          f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}"]
+                          f"{s['phi_1_1_random']:.3f}", f"{s['phi_r1_r2_random']:.3f}",
+                          f"{s['phi_1_1_cross_seed_mean_over_layers']:.3f}",
+                          f"{s['phi_1_1_init_mean_over_layers']:.3f}"]
                          for m, s in stats.items()]),
             "",
             f"Two seeds at the same rank, r={r1} and r={r2} (seeds 0 and 1: another adapter "

@@ -252,9 +252,14 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
   folder = setup.folder(bool(out["smoke_test"]))
   val = f"val_{setup.metric}"
   methods = list(out["methods"])
-  fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
+  cols = min(4, len(methods))
+  rows_n = -(-len(methods) // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False,
+                           layout="constrained")
+  for ax in axes.flat[len(methods):]:
+    ax.set_visible(False)
   drawn = 0
-  for ax, method in zip(axes[0], methods):
+  for ax, method in zip(axes.flat, methods):
     entry = out["methods"][method]
     chosen = entry["selection"]["lr"]
     rows = []
@@ -339,7 +344,8 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
   """The printed summary; adds each method's paired comparison with the reference to ``out``."""
   val, test = f"val_{setup.metric}", f"test_{setup.metric}"
   scale, unit = (100, " points") if setup.metric == "acc" else (1, "")
-  ref = out["methods"].get(cfg["reference"], {}).get(test)
+  refs = {r: out["methods"][r][test] for r in dict.fromkeys((cfg["reference"], "full"))
+          if test in out["methods"].get(r, {})}  # paired against the reference and full
   lines = []
   for method, e in out["methods"].items():
     s = e["selection"]
@@ -351,9 +357,13 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
     if test in e:
       lines.append(f"  {test} over {len(e[test])} seeds: "
                    f"{utils.pm(list(e[test].values()), scale, 2)}")
-      if ref and method != cfg["reference"]:
-        e["paired_vs_reference"] = p = paired(e[test], ref, setup.score)
-        lines.append(f"  {method} - {cfg['reference']}, paired: {scale * p['mean']:+.2f}{unit}, "
+      for name, ref in refs.items():
+        if name == method:
+          continue
+        p = e.setdefault("paired", {})[name] = paired(e[test], ref, setup.score)
+        if name == cfg["reference"]:
+          e["paired_vs_reference"] = p
+        lines.append(f"  {method} - {name}, paired: {scale * p['mean']:+.2f}{unit}, "
                      f"ahead in {p['ahead']}, behind in {p['behind']} of {len(p['seeds'])} seeds"
                      + (f", paired t-test p = {p['p']:.3f}" if p["p"] is not None else ""))
   return lines

@@ -382,6 +382,7 @@ def test_protocol_quick():
   one committed JSON per run (here under runs/quick), curves drawn from them."""
   out = _ok(_run("experiments.protocol", "--quick", "--methods=probe,lora,full"))
   assert "SMOKE TEST" in out and "full - lora, paired" in out and "probe - lora" in out, out
+  assert "lora - full, paired" in out and "probe - full, paired" in out  # every method vs full
   with open(os.path.join(REPO, "runs", "quick", "protocol_fortunes.json")) as f:
     res = json.load(f)
   probe = res["methods"]["probe"]["selection"]
