@@ -277,11 +277,11 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
     if setup.metric == "acc":
       ax.set(ylabel="validation accuracy %", ylim=(0, 100))
     else:
-      ax.set(ylabel="validation perplexity (log scale)", yscale="log")
+      ax.set(ylabel="validation perplexity")
     ax.set(title=method, xlabel="step")
     ax.legend(fontsize=7)
   title = f"{setup.name}: validation curves, learning-rate sweeps and selected rates"
-  fig.suptitle(title + (" (SMOKE TEST: meaningless)" if out["smoke_test"] else ""), y=1.02)
+  fig.suptitle(title + (" (SMOKE TEST: meaningless)" if out["smoke_test"] else ""))
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return drawn
