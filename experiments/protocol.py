@@ -305,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if unknown:
     raise config_lib.ConfigError(f"--methods: unknown {unknown} for {setup.config}; valid: "
                                  f"{list(setup.grids)}")
+  if cfg["quantize"]:  # not in the cache keys: each method sets its own base
+    raise config_lib.ConfigError(
+        f"--quantize={cfg['quantize']}: the protocol sets each method's base itself (method "
+        "qlora is LoRA on an NF4 base); leave --quantize unset")
   if cfg["reference"] not in setup.grids:
     raise config_lib.ConfigError(f"--reference: {cfg['reference']!r} is not one of "
                                  f"{list(setup.grids)}")

@@ -352,6 +352,19 @@ def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
 
 
+def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
+  for args in (("--quantize=nf4",), ("--config=smollm2_mobydick", "--quantize=nf4"),
+               ("--config=smollm2_mobydick", "--methods=lora,ia3"), ("--config=minilm",)):
+    proc = _run("experiments.protocol", *args, timeout=120)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stdout, args
+  proc = _run("experiments.protocol", "--quantize=nf4", timeout=120)
+  assert "--quantize=nf4: the protocol sets each method's base itself" in proc.stderr
+  proc = _run("experiments.protocol", "--config=smollm2_mobydick", "--methods=lora,ia3",
+              timeout=120)
+  assert "unknown ['ia3'] for smollm2_mobydick" in proc.stderr
+
+
 def test_data_parallel_takes_its_settings_like_every_script():
   proc = _run("experiments.data_parallel", "--steps=0", timeout=120)
   assert proc.returncode == 2 and "--steps: must be >= 1" in proc.stderr, proc.stderr
