@@ -17,7 +17,11 @@ modelling, scored by held-out perplexity):
    ``plateau`` of its best before that (it has stopped improving). The score
    is accuracy for fortunes and minus the log perplexity (the mean NLL in
    nats) for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
-   perplexity.
+   perplexity. If the selected run has not converged, step 1 is repeated at
+   twice the budget (``steps``, the probe's ``probe_steps``), at most
+   ``doublings`` times, and step 2 runs at the last budget tried (methods
+   in ``fixed_budget`` keep their first budget: their rows say whether they
+   converged).
 
 Moby Dick has no validation split of its own: the held-out chapters' first
 ``eval_tokens`` tokens are the validation rows and the next ``eval_tokens``
@@ -77,9 +81,13 @@ OWN = {
     "select_seed": (0, "seed of the learning-rate selection runs"),
     "seeds": (3, "seeds at the selected rate (0..N-1; the selection seed is one of them)"),
     "plateau": (0.01, "converged: best val score of the last third within this of the best before"),
+    "doublings": (1, "a method whose selected run has not converged is selected again at twice "
+                  "the budget (steps; the probe's probe_steps), at most this many times"),
+    "fixed_budget": ((), "methods kept at their first budget whether or not they converge"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
 }
 QUICK_GRID = (1e-3, 1e-2)
+BUDGET = {"probe": "probe_steps"}  # the setting that is a method's budget (others: steps)
 
 
 # --------------------------------------------------------------------------- the two tasks
@@ -149,24 +157,27 @@ SETUPS = {
         grids={"probe": (5e-4, 2e-3, 5e-3, 2e-2), "lora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
                "lora_all": (5e-4, 1e-3, 2e-3, 5e-3),
                # qlora and dora chose 5e-3, their largest rate, so 1e-2 was added (as lora's)
-               "qlora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2), "dora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+               # dora chose 1e-2, then the largest, so 2e-2 was added
+               "qlora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+               "dora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
                "ia3": (3e-3, 1e-2, 3e-2, 1e-1),
                "full": (1e-5, 3e-5, 1e-4, 3e-4)},
         run_keys=("rank", "alpha", "targets", "head", "head_lr", "warmup", "steps",
                   "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
                   "val_size", "train_size", "test_size", "eval_every", "eval_batch", "ia3_lr"),
         over=dict(eval_every=25),  # a validation curve for the budget check
-        quick=dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64),
+        quick=dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64, doublings=0),
         data=fortunes.task_from, body=_fortunes_body, metric="acc", score=float,
         show=lambda v: f"{100 * v:.1f}"),
     "smollm2_mobydick": Setup(
         config="smollm2_mobydick", name="mobydick",
-        grids={"lora": (3e-4, 1e-3, 3e-3, 1e-2), "full": (5e-6, 1e-5, 2e-5, 5e-5)},
+        # full chose 5e-5, then its largest rate, so 1e-4 was added
+        grids={"lora": (3e-4, 1e-3, 3e-3, 1e-2), "full": (5e-6, 1e-5, 2e-5, 5e-5, 1e-4)},
         run_keys=("rank", "alpha", "targets", "head", "warmup", "steps", "weight_decay",
                   "batch_size", "seq_len", "n_heldout", "eval_tokens", "eval_every",
                   "eval_batch", "layers"),
         over=dict(eval_every=10),
-        quick=dict(eval_every=1, seeds=2),
+        quick=dict(eval_every=1, seeds=2, doublings=0),
         data=_mobydick_data, body=_mobydick_body, metric="ppl", score=lambda v: -math.log(v),
         show=lambda v: f"{v:.2f}"),
 }
@@ -201,8 +212,8 @@ def run(setup: Setup, data, cfg: dict[str, Any], method: str, seed: int,
   return row
 
 
-def converged(evals: list[dict[str, Any]], tolerance: float, key: str = "val_acc",
-              score: Callable[[float], float] = float) -> dict[str, Any]:
+def converged(evals: list[dict[str, Any]], tolerance: float, key: str,
+              score: Callable[[float], float]) -> dict[str, Any]:
   """Whether the validation score stopped improving: the last third against the rest."""
   scores = [score(e[key]) for e in evals]
   cut = max(1, len(scores) - max(1, len(scores) // 3))
@@ -213,16 +224,26 @@ def converged(evals: list[dict[str, Any]], tolerance: float, key: str = "val_acc
           "best_val_score_before_last_third": before, "best_val_score_last_third": last}
 
 
-def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> dict[str, Any]:
-  """The grid at ``select_seed``; the rate with the best final validation score."""
+def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[str, Any]]:
+  """The grid at ``select_seed``; the rate with the best final validation score.
+
+  If that run has not converged, the whole grid again at twice the budget, up to
+  ``doublings`` times. Returns one selection per budget tried, the last one final.
+  """
   grid = QUICK_GRID if cfg["quick"] else setup.grids[method]
-  rows = [run(setup, data, cfg, method, cfg["select_seed"], lr) for lr in grid]
-  val = f"val_{setup.metric}"
-  best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
-  return {"grid": list(grid), val: [r[val] for r in rows], "lr": best["lr"],
-          "edge": best["lr"] in (min(grid), max(grid)),
-          "budget": converged(best["evals"], cfg["plateau"], val, setup.score),
-          "runs": [r["file"] for r in rows]}
+  budget, val = BUDGET.get(method, "steps"), f"val_{setup.metric}"
+  tried = []
+  for doubling in range(1 + (0 if method in cfg["fixed_budget"] else cfg["doublings"])):
+    at = dict(cfg, **{budget: cfg[budget] * 2 ** doubling})
+    rows = [run(setup, data, at, method, cfg["select_seed"], lr) for lr in grid]
+    best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
+    tried.append({"grid": list(grid), val: [r[val] for r in rows], "lr": best["lr"],
+                  "edge": best["lr"] in (min(grid), max(grid)), budget: at[budget],
+                  "budget": converged(best["evals"], cfg["plateau"], val, setup.score),
+                  "runs": [r["file"] for r in rows]})
+    if tried[-1]["budget"]["converged"]:
+      break
+  return tried
 
 
 def paired(mine: dict[int, float], ref: dict[int, float],
@@ -258,6 +279,10 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
                            layout="constrained")
   for ax in axes.flat[len(methods):]:
     ax.set_visible(False)
+  def curve(r):
+    return ([e["step"] for e in r["evals"]],
+            [100 * e[val] if setup.metric == "acc" else e[val] for e in r["evals"]])
+
   drawn = 0
   for ax, method in zip(axes.flat, methods):
     entry = out["methods"][method]
@@ -266,14 +291,18 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
     for name in dict.fromkeys(entry["selection"]["runs"] + entry.get("runs", [])):
       with open(os.path.join(folder, name)) as f:
         rows.append(json.load(f))
+    for short in entry.get("shorter_budgets", []):  # the budget that was too short, dashed
+      with open(os.path.join(folder, short["runs"][short["grid"].index(short["lr"])])) as f:
+        r = json.load(f)
+      drawn += 1
+      budget = BUDGET.get(method, "steps")
+      ax.plot(*curve(r), "k--", lw=1, label=f"lr {r['lr']:g}, {short[budget]} {budget} (not converged)")
     for r in sorted(rows, key=lambda r: (r["lr"] == chosen, r["lr"], r["seed"])):
       drawn += 1
-      steps = [e["step"] for e in r["evals"]]
-      ys = [100 * e[val] if setup.metric == "acc" else e[val] for e in r["evals"]]
       if r["lr"] == chosen:
-        ax.plot(steps, ys, "o-", lw=2, ms=3, label=f"lr {r['lr']:g}, seed {r['seed']}")
+        ax.plot(*curve(r), "o-", lw=2, ms=3, label=f"lr {r['lr']:g}, seed {r['seed']}")
       elif r["seed"] == out["settings"]["select_seed"]:
-        ax.plot(steps, ys, lw=0.8, alpha=0.6, label=f"lr {r['lr']:g} (sweep)")
+        ax.plot(*curve(r), lw=0.8, alpha=0.6, label=f"lr {r['lr']:g} (sweep)")
     if setup.metric == "acc":
       ax.set(ylabel="validation accuracy %", ylim=(0, 100))
     else:
@@ -301,10 +330,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = config_lib.load(argv, default=setup.config, own=OWN, own_quick=setup.quick,
                         over=setup.over, fixed=True, usage=__doc__)
   cfg = dict(cfg, progress=False, **({"ia3_lr": None} if setup.name == "fortunes" else {}))
-  unknown = [m for m in cfg["methods"] if m not in setup.grids]
-  if unknown:
-    raise config_lib.ConfigError(f"--methods: unknown {unknown} for {setup.config}; valid: "
-                                 f"{list(setup.grids)}")
+  for name in ("methods", "fixed_budget"):
+    unknown = [m for m in cfg[name] if m not in setup.grids]
+    if unknown:
+      raise config_lib.ConfigError(f"--{name}: unknown {unknown} for {setup.config}; valid: "
+                                   f"{list(setup.grids)}")
   if cfg["quantize"]:  # not in the cache keys: each method sets its own base
     raise config_lib.ConfigError(
         f"--quantize={cfg['quantize']}: the protocol sets each method's base itself (method "
@@ -323,10 +353,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   test = f"test_{setup.metric}"
   for method in cfg["methods"]:
     print(f"[{method}] learning-rate selection on the validation split", flush=True)
-    chosen = select(setup, data, cfg, method)
-    entry = {"selection": chosen}
+    *shorter, chosen = select(setup, data, cfg, method)
+    entry = {"selection": chosen, "shorter_budgets": shorter}
     if not cfg["select_only"]:
-      rows = [run(setup, data, cfg, method, s, chosen["lr"]) for s in range(cfg["seeds"])]
+      budget = BUDGET.get(method, "steps")
+      at = dict(cfg, **{budget: chosen[budget]})
+      rows = [run(setup, data, at, method, s, chosen["lr"]) for s in range(cfg["seeds"])]
       values = [r[test] for r in rows]
       entry.update(runs=[r["file"] for r in rows], **{test: {r["seed"]: r[test] for r in rows}},
                    mean=float(np.mean(values)),
@@ -345,19 +377,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
-  """The printed summary; adds each method's paired comparison with the reference to ``out``."""
+  """The printed summary; adds to ``out`` each method's paired comparisons (``paired``:
+  against the reference and against full)."""
   val, test = f"val_{setup.metric}", f"test_{setup.metric}"
   scale, unit = (100, " points") if setup.metric == "acc" else (1, "")
   refs = {r: out["methods"][r][test] for r in dict.fromkeys((cfg["reference"], "full"))
           if test in out["methods"].get(r, {})}  # paired against the reference and full
   lines = []
   for method, e in out["methods"].items():
-    s = e["selection"]
-    grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
-    lines.append(f"{method}: {val} by rate ({grid}) -> lr {s['lr']:g}"
-                 f"{' (at the edge of the grid)' if s['edge'] else ''}; budget "
-                 f"{'converged' if s['budget']['converged'] else 'NOT converged'} "
-                 f"(best val at step {s['budget']['best_val_step']})")
+    budget = BUDGET.get(method, "steps")
+    for s in e["shorter_budgets"] + [e["selection"]]:
+      grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
+      lines.append(f"{method}, {s[budget]} {budget}: {val} by rate ({grid}) -> lr {s['lr']:g}"
+                   f"{' (at the edge of the grid)' if s['edge'] else ''}; budget "
+                   f"{'converged' if s['budget']['converged'] else 'NOT converged'} "
+                   f"(best val at step {s['budget']['best_val_step']})"
+                   + (" (--fixed_budget: not extended)" if method in cfg["fixed_budget"]
+                      and not s["budget"]["converged"] else ""))
     if test in e:
       lines.append(f"  {test} over {len(e[test])} seeds: "
                    f"{utils.pm(list(e[test].values()), scale, 2)}")
@@ -365,8 +401,6 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
         if name == method:
           continue
         p = e.setdefault("paired", {})[name] = paired(e[test], ref, setup.score)
-        if name == cfg["reference"]:
-          e["paired_vs_reference"] = p
         lines.append(f"  {method} - {name}, paired: {scale * p['mean']:+.2f}{unit}, "
                      f"ahead in {p['ahead']}, behind in {p['behind']} of {len(p['seeds'])} seeds"
                      + (f", paired t-test p = {p['p']:.3f}" if p["p"] is not None else ""))

@@ -4,6 +4,7 @@ The smoke tests run each script in a subprocess, as a user would, and check
 what it wrote. They need the data of ``experiments/fetch_data.sh``.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -352,9 +353,37 @@ def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
 
 
+def test_protocol_doubles_the_budget_of_a_method_that_has_not_converged(tmp_path, monkeypatch):
+  """Validation accuracy that rises until step 175: still rising at 150 steps (the
+  last third beats the rest), flat by 300. The grid runs again at 300, and stops there."""
+  from experiments import protocol
+
+  def body(data, cfg, method, seed, lr):
+    curve = [{"step": t, "val_acc": 0.5 + lr * min(t, 175)}
+             for t in range(25, cfg["steps"] + 1, 25)]
+    return {"val_acc": curve[-1]["val_acc"], "test_acc": 0.0, "evals": curve, "losses": [],
+            "trainable_params": 1, "total_params": 1}
+
+  monkeypatch.setattr(protocol.Setup, "folder", lambda self, quick: str(tmp_path))
+  setup = dataclasses.replace(protocol.SETUPS["minilm_fortunes"], body=body,
+                              grids={"lora": (1e-4, 2e-3, 1e-3)})
+  cfg = {"quick": False, "steps": 150, "select_seed": 0, "plateau": 0.01, "doublings": 1,
+         "fixed_budget": ()}
+  short, long = protocol.select(setup, None, cfg, "lora")
+  assert (short["steps"], short["budget"]["converged"]) == (150, False)
+  assert (long["steps"], long["budget"]["converged"]) == (300, True)
+  assert short["lr"] == long["lr"] == 2e-3 and long["budget"]["best_val_step"] == 175
+  assert len(set(short["runs"] + long["runs"])) == 6 == len(os.listdir(tmp_path))
+  assert len(protocol.select(setup, None, dict(cfg, doublings=0), "lora")) == 1  # cached
+  assert len(protocol.select(setup, None, dict(cfg, fixed_budget=("lora",)), "lora")) == 1
+  assert len(protocol.select(setup, None, dict(cfg, steps=300, doublings=3), "lora")) == 1
+  assert len(os.listdir(tmp_path)) == 6
+
+
 def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
   for args in (("--quantize=nf4",), ("--config=smollm2_mobydick", "--quantize=nf4"),
-               ("--config=smollm2_mobydick", "--methods=lora,ia3"), ("--config=minilm",)):
+               ("--config=smollm2_mobydick", "--methods=lora,ia3"), ("--config=minilm",),
+               ("--fixed_budget=lora,bogus",)):
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
     assert "Traceback" not in proc.stderr and "loading" not in proc.stdout, args
@@ -363,6 +392,8 @@ def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
   proc = _run("experiments.protocol", "--config=smollm2_mobydick", "--methods=lora,ia3",
               timeout=120)
   assert "unknown ['ia3'] for smollm2_mobydick" in proc.stderr
+  proc = _run("experiments.protocol", "--fixed_budget=lora,bogus", timeout=120)
+  assert "--fixed_budget: unknown ['bogus']" in proc.stderr
 
 
 def test_data_parallel_takes_its_settings_like_every_script():
@@ -421,7 +452,7 @@ def test_protocol_quick_on_moby_dick():
   lora, full = res["methods"]["lora"], res["methods"]["full"]
   sel = lora["selection"]
   assert sel["val_ppl"][sel["grid"].index(sel["lr"])] == min(sel["val_ppl"])  # lower wins
-  p = full["paired_vs_reference"]
+  p = full["paired"]["lora"]
   better = sum(full["test_ppl"][s] < lora["test_ppl"][s] for s in full["test_ppl"])
   assert p["ahead"] == better and p["ahead"] + p["behind"] == 2
   runs = []
