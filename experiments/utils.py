@@ -212,8 +212,22 @@ def plot_curves(path: str, losses: Sequence[float], evals: Sequence[Mapping[str,
   plt.close(fig)
 
 
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo`` on Linux): timings differ across hosts."""
+  import platform
+
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def provenance() -> dict[str, Any]:
-  """When and where a result was made: date, machine load and the versions."""
+  """When and where a result was made: date, machine load, CPU and the versions."""
   import datetime
   import platform
   from importlib import metadata
@@ -226,5 +240,6 @@ def provenance() -> dict[str, Any]:
       pass
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "load_average_1_5_15": list(os.getloadavg()), "cpus": os.cpu_count(),
-          "machine": platform.platform(), "python": platform.python_version(),
+          "machine": platform.platform(), "cpu_model": cpu_model(),
+          "python": platform.python_version(),
           "backend": jax.default_backend(), "versions": versions}

@@ -374,6 +374,8 @@ def test_protocol_doubles_the_budget_of_a_method_that_has_not_converged(tmp_path
   assert (long["steps"], long["budget"]["converged"]) == (300, True)
   assert short["lr"] == long["lr"] == 2e-3 and long["budget"]["best_val_step"] == 175
   assert len(set(short["runs"] + long["runs"])) == 6 == len(os.listdir(tmp_path))
+  for name in os.listdir(tmp_path):  # every run says where it ran: hosts differ in speed
+    assert json.loads((tmp_path / name).read_text())["provenance"]["cpu_model"]
   assert len(protocol.select(setup, None, dict(cfg, doublings=0), "lora")) == 1  # cached
   assert len(protocol.select(setup, None, dict(cfg, fixed_budget=("lora",)), "lora")) == 1
   assert len(protocol.select(setup, None, dict(cfg, steps=300, doublings=3), "lora")) == 1
