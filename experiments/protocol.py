@@ -279,6 +279,7 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
                            layout="constrained")
   for ax in axes.flat[len(methods):]:
     ax.set_visible(False)
+
   def curve(r):
     return ([e["step"] for e in r["evals"]],
             [100 * e[val] if setup.metric == "acc" else e[val] for e in r["evals"]])
@@ -296,7 +297,8 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
         r = json.load(f)
       drawn += 1
       budget = BUDGET.get(method, "steps")
-      ax.plot(*curve(r), "k--", lw=1, label=f"lr {r['lr']:g}, {short[budget]} {budget} (not converged)")
+      ax.plot(*curve(r), "k--", lw=1,
+              label=f"lr {r['lr']:g}, {short[budget]} {budget} (not converged)")
     for r in sorted(rows, key=lambda r: (r["lr"] == chosen, r["lr"], r["seed"])):
       drawn += 1
       if r["lr"] == chosen:
