@@ -12,16 +12,19 @@ modelling, scored by held-out perplexity):
    one of them), the test metric as mean ± sample std, and a paired
    comparison of every method against ``reference`` on the same seeds (same
    initialisation, same batches).
-3. **Budget check**: the validation metric every ``eval_every`` steps. A run
-   has converged when the best validation score of its last third is within
-   ``plateau`` of its best before that (it has stopped improving). The score
-   is accuracy for fortunes and minus the log perplexity (the mean NLL in
-   nats) for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
-   perplexity. If the selected run has not converged, step 1 is repeated at
-   twice the budget (``steps``, the probe's ``probe_steps``), at most
-   ``doublings`` times, and step 2 runs at the last budget tried (methods
-   in ``fixed_budget`` keep their first budget: their rows say whether they
-   converged).
+3. **Budget check**: step 1 runs again at twice the budget (``steps``, the
+   probe's ``probe_steps``), up to ``doublings`` times. A budget is enough
+   when doubling it did not raise the selected validation score by more
+   than ``plateau``: training twice as long did not help. Step 2 runs at the
+   first budget that is enough, else at the last one tried. The score is
+   accuracy for fortunes and minus the log perplexity (the mean NLL in nats)
+   for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
+   perplexity. A last budget that was not doubled (``doublings`` spent, or
+   the method in ``fixed_budget``) has only the in-run check: the best
+   validation score (every ``eval_every`` steps) of the run's last third
+   within ``plateau`` of its best before. That check alone is weak under a
+   cosine schedule, whose decayed rate flattens every curve's end, which is
+   why the doubling decides where it can.
 
 Moby Dick has no validation split of its own: the held-out chapters' first
 ``eval_tokens`` tokens are the validation rows and the next ``eval_tokens``
@@ -80,14 +83,18 @@ OWN = {
     "reference": ("lora", "the method the others are compared with, seed by seed"),
     "select_seed": (0, "seed of the learning-rate selection runs"),
     "seeds": (3, "seeds at the selected rate (0..N-1; the selection seed is one of them)"),
-    "plateau": (0.01, "converged: best val score of the last third within this of the best before"),
-    "doublings": (1, "a method whose selected run has not converged is selected again at twice "
-                  "the budget (steps; the probe's probe_steps), at most this many times"),
-    "fixed_budget": ((), "methods kept at their first budget whether or not they converge"),
+    "plateau": (0.01, "a budget is enough when doubling it gains at most this in val score"),
+    "doublings": (1, "the selection runs again at twice the budget (steps; the probe's "
+                  "probe_steps), up to this many times, until doubling stops helping"),
+    "fixed_budget": ((), "methods kept at their first budget (only the in-run check)"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
 }
 QUICK_GRID = (1e-3, 1e-2)
-BUDGET = {"probe": "probe_steps"}  # the setting that is a method's budget (others: steps)
+
+
+def budget_of(method: str) -> str:
+  """The setting that is a method's training budget."""
+  return "probe_steps" if method == "probe" else "steps"
 
 
 # --------------------------------------------------------------------------- the two tasks
@@ -227,22 +234,32 @@ def converged(evals: list[dict[str, Any]], tolerance: float, key: str,
 def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[str, Any]]:
   """The grid at ``select_seed``; the rate with the best final validation score.
 
-  If that run has not converged, the whole grid again at twice the budget, up to
-  ``doublings`` times. Returns one selection per budget tried, the last one final.
+  Then the whole grid again at twice the budget, up to ``doublings`` times, until
+  doubling no longer raises the selected score by more than ``plateau``. Returns
+  one selection per budget tried; ``final`` marks the one the seeds run at.
   """
   grid = QUICK_GRID if cfg["quick"] else setup.grids[method]
-  budget, val = BUDGET.get(method, "steps"), f"val_{setup.metric}"
+  budget, val = budget_of(method), f"val_{setup.metric}"
   tried = []
   for doubling in range(1 + (0 if method in cfg["fixed_budget"] else cfg["doublings"])):
     at = dict(cfg, **{budget: cfg[budget] * 2 ** doubling})
     rows = [run(setup, data, at, method, cfg["select_seed"], lr) for lr in grid]
     best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
+    check = dict(converged(best["evals"], cfg["plateau"], val, setup.score),
+                 rule="in-run", doubling_gain=None)
     tried.append({"grid": list(grid), val: [r[val] for r in rows], "lr": best["lr"],
                   "edge": best["lr"] in (min(grid), max(grid)), budget: at[budget],
-                  "budget": converged(best["evals"], cfg["plateau"], val, setup.score),
-                  "runs": [r["file"] for r in rows]})
-    if tried[-1]["budget"]["converged"]:
-      break
+                  "budget": check, "final": False, "runs": [r["file"] for r in rows]})
+    if doubling:
+      shorter = tried[-2]
+      gain = setup.score(best[val]) - setup.score(shorter[val][grid.index(shorter["lr"])])
+      shorter["budget"].update(rule="doubling", doubling_gain=gain,
+                               in_run_converged=shorter["budget"]["converged"],
+                               converged=bool(gain <= cfg["plateau"]))
+      if shorter["budget"]["converged"]:
+        shorter["final"] = True
+        return tried
+  tried[-1]["final"] = True
   return tried
 
 
@@ -288,17 +305,19 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
   for ax, method in zip(axes.flat, methods):
     entry = out["methods"][method]
     chosen = entry["selection"]["lr"]
+    budget = budget_of(method)
     rows = []
     for name in dict.fromkeys(entry["selection"]["runs"] + entry.get("runs", [])):
       with open(os.path.join(folder, name)) as f:
         rows.append(json.load(f))
-    for short in entry.get("shorter_budgets", []):  # the budget that was too short, dashed
-      with open(os.path.join(folder, short["runs"][short["grid"].index(short["lr"])])) as f:
+    for other in entry["other_budgets"]:  # the other budgets' selected runs, dashed
+      with open(os.path.join(folder, other["runs"][other["grid"].index(other["lr"])])) as f:
         r = json.load(f)
       drawn += 1
-      budget = BUDGET.get(method, "steps")
-      ax.plot(*curve(r), "k--", lw=1,
-              label=f"lr {r['lr']:g}, {short[budget]} {budget} (not converged)")
+      why = ("not enough" if other[budget] < entry["selection"][budget] else
+             "doubled: no gain")
+      ax.plot(*curve(r), "k--" if why == "not enough" else "k:", lw=1,
+              label=f"lr {r['lr']:g}, {other[budget]} {budget} ({why})")
     for r in sorted(rows, key=lambda r: (r["lr"] == chosen, r["lr"], r["seed"])):
       drawn += 1
       if r["lr"] == chosen:
@@ -355,10 +374,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   test = f"test_{setup.metric}"
   for method in cfg["methods"]:
     print(f"[{method}] learning-rate selection on the validation split", flush=True)
-    *shorter, chosen = select(setup, data, cfg, method)
-    entry = {"selection": chosen, "shorter_budgets": shorter}
+    tried = select(setup, data, cfg, method)
+    chosen = next(s for s in tried if s["final"])
+    entry = {"selection": chosen, "other_budgets": [s for s in tried if s is not chosen]}
     if not cfg["select_only"]:
-      budget = BUDGET.get(method, "steps")
+      budget = budget_of(method)
       at = dict(cfg, **{budget: chosen[budget]})
       rows = [run(setup, data, at, method, s, chosen["lr"]) for s in range(cfg["seeds"])]
       values = [r[test] for r in rows]
@@ -387,15 +407,22 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
           if test in out["methods"].get(r, {})}  # paired against the reference and full
   lines = []
   for method, e in out["methods"].items():
-    budget = BUDGET.get(method, "steps")
-    for s in e["shorter_budgets"] + [e["selection"]]:
+    budget = budget_of(method)
+    for s in sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget]):
       grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
-      lines.append(f"{method}, {s[budget]} {budget}: {val} by rate ({grid}) -> lr {s['lr']:g}"
-                   f"{' (at the edge of the grid)' if s['edge'] else ''}; budget "
-                   f"{'converged' if s['budget']['converged'] else 'NOT converged'} "
-                   f"(best val at step {s['budget']['best_val_step']})"
-                   + (" (--fixed_budget: not extended)" if method in cfg["fixed_budget"]
-                      and not s["budget"]["converged"] else ""))
+      check = s["budget"]
+      if check["rule"] == "doubling":
+        gain = 100 * check["doubling_gain"]
+        verdict = (f"{'enough' if check['converged'] else 'NOT enough'}: doubling it gained "
+                   + (f"{gain:+.2f} points" if setup.metric == "acc" else
+                      f"{gain:+.2f}% in -log perplexity"))
+      else:
+        verdict = (f"{'converged' if check['converged'] else 'NOT converged'} by the in-run "
+                   f"check only (best val at step {check['best_val_step']})"
+                   + ("; --fixed_budget: not doubled" if method in cfg["fixed_budget"] else ""))
+      lines.append(f"{'*' if s is e['selection'] else ' '} {method}, {s[budget]} {budget}: "
+                   f"{val} by rate ({grid}) -> lr {s['lr']:g}"
+                   f"{' (at the edge of the grid)' if s['edge'] else ''}; {verdict}")
     if test in e:
       lines.append(f"  {test} over {len(e[test])} seeds: "
                    f"{utils.pm(list(e[test].values()), scale, 2)}")

@@ -353,33 +353,45 @@ def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
 
 
-def test_protocol_doubles_the_budget_of_a_method_that_has_not_converged(tmp_path, monkeypatch):
-  """Validation accuracy that rises until step 175: still rising at 150 steps (the
-  last third beats the rest), flat by 300. The grid runs again at 300, and stops there."""
+def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monkeypatch):
+  """Two synthetic methods. lora's validation curve flattens at half of any budget, as
+  under a cosine schedule: the in-run check passes at 150 steps, but 300 steps score
+  higher, so 150 is not enough. full's curve is flat from step 100: 300 steps gain
+  nothing, so its seeds run at 150."""
   from experiments import protocol
 
   def body(data, cfg, method, seed, lr):
-    curve = [{"step": t, "val_acc": 0.5 + lr * min(t, 175)}
+    flat_from = cfg["steps"] // 2 if method == "lora" else 100
+    curve = [{"step": t, "val_acc": 0.5 + lr * min(t, flat_from)}
              for t in range(25, cfg["steps"] + 1, 25)]
     return {"val_acc": curve[-1]["val_acc"], "test_acc": 0.0, "evals": curve, "losses": [],
             "trainable_params": 1, "total_params": 1}
 
   monkeypatch.setattr(protocol.Setup, "folder", lambda self, quick: str(tmp_path))
+  grid = (1e-4, 2e-3, 1e-3)
   setup = dataclasses.replace(protocol.SETUPS["minilm_fortunes"], body=body,
-                              grids={"lora": (1e-4, 2e-3, 1e-3)})
+                              grids={"lora": grid, "full": grid})
   cfg = {"quick": False, "steps": 150, "select_seed": 0, "plateau": 0.01, "doublings": 1,
          "fixed_budget": ()}
   short, long = protocol.select(setup, None, cfg, "lora")
-  assert (short["steps"], short["budget"]["converged"]) == (150, False)
-  assert (long["steps"], long["budget"]["converged"]) == (300, True)
-  assert short["lr"] == long["lr"] == 2e-3 and long["budget"]["best_val_step"] == 175
-  assert len(set(short["runs"] + long["runs"])) == 6 == len(os.listdir(tmp_path))
+  assert short["lr"] == long["lr"] == 2e-3 and (short["steps"], long["steps"]) == (150, 300)
+  assert short["budget"]["in_run_converged"] and short["budget"]["rule"] == "doubling"
+  assert not short["budget"]["converged"] and not short["final"] and long["final"]
+  assert abs(short["budget"]["doubling_gain"] - 2e-3 * 75) < 1e-9
+  assert long["budget"]["rule"] == "in-run" and long["budget"]["doubling_gain"] is None
+  enough, doubled = protocol.select(setup, None, cfg, "full")
+  assert enough["final"] and enough["budget"]["converged"] and not doubled["final"]
+  assert enough["budget"]["doubling_gain"] == 0 and doubled["steps"] == 300
+  assert len(os.listdir(tmp_path)) == 12  # 3 rates x 2 budgets x 2 methods
   for name in os.listdir(tmp_path):  # every run says where it ran: hosts differ in speed
     assert json.loads((tmp_path / name).read_text())["provenance"]["cpu_model"]
-  assert len(protocol.select(setup, None, dict(cfg, doublings=0), "lora")) == 1  # cached
-  assert len(protocol.select(setup, None, dict(cfg, fixed_budget=("lora",)), "lora")) == 1
-  assert len(protocol.select(setup, None, dict(cfg, steps=300, doublings=3), "lora")) == 1
-  assert len(os.listdir(tmp_path)) == 6
+  for kept in (dict(cfg, doublings=0), dict(cfg, fixed_budget=("lora",))):  # all cached
+    (only,) = protocol.select(setup, None, kept, "lora")
+    assert only["final"] and only["budget"]["rule"] == "in-run" and only["steps"] == 150
+  assert len(os.listdir(tmp_path)) == 12
+  at_300 = protocol.select(setup, None, dict(cfg, steps=300, doublings=3), "full")
+  assert [(s["steps"], s["final"]) for s in at_300] == [(300, True), (600, False)]
+  assert len(os.listdir(tmp_path)) == 15
 
 
 def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
