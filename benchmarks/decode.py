@@ -1,4 +1,4 @@
-"""python -m benchmarks.decode [--quick] [--ks 1,16,64,256] [--rounds N] [--layers L] [--json PATH] [--peft PYTHON]
+"""python -m benchmarks.decode [--quick] [--ks 1,16,64,256] [--paths gather,onehot,grouped,segment] [--rounds N] [--layers L] [--json PATH] [--peft PYTHON]
 
 Serving many adapters at once (issue 14): KV-cached decode steps of
 SmolLM2-135M-Instruct (experiments/models/decode.py, 30 layers, d 576, vocab
@@ -12,15 +12,17 @@ timed, interleaved round-robin (the order rotates every round), medians:
 
 * ``merged``: the batch with one merged adapter (`jlora.merge`): the base's cost;
 * ``unmerged``: one adapter under `jlora.lora`;
-* ``gather``, ``onehot``, ``segment``: a bank of ``K`` adapters
-  (`jlora.stack_adapters` + `jlora.route`, the index traced), each routing
-  path of `jlora.methods.bank` forced; ``auto`` is the one the runtime picks.
+* ``gather``, ``onehot``, ``grouped``, ``segment`` (``--paths``): a bank of
+  ``K`` adapters (`jlora.stack_adapters` + `jlora.route`, the index traced),
+  each routing path of `jlora.methods.routing` forced; ``auto`` is the one
+  the runtime picks (its ratio is reported when that path was timed).
 
 Each step's XLA FLOPs (``cost_analysis``) and temporaries
 (``memory_analysis``) are recorded too. Decode tokens/s = batch / median
 step time. The load average (``os.getloadavg``) is recorded before and after
-each ``K`` next to its timings. Run from the repository root; ``--quick``
-keeps 2 layers and K = 1, 16 (its numbers mean nothing).
+each ``K`` next to its timings, with the date, the CPU and the versions
+(`experiments.utils.provenance`). Run from the repository root; ``--quick``
+keeps 2 layers, K = 1, 16 and 2 rounds (its numbers mean nothing).
 
 ``--peft /work/peftvenv/bin/python``: generation of ``--new-tokens`` tokens
 for 16 sequences over 16 adapters (equal-length prompts, greedy), jlora's
@@ -34,11 +36,10 @@ of every sequence compared.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -48,13 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from experiments import lm
+from experiments import lm, utils
 from experiments.models import decode, llama
-from jlora.methods import bank as bank_lib
 from jlora.methods import routing as routing_lib
 
 TARGETS = re.compile(r"(q|k|v|o|gate|up|down)_proj/kernel")
-PATHS = ("gather", "onehot", "segment")
+PATHS = ("gather", "onehot", "grouped", "segment")
 
 
 def adapters(params, k_adapters: int, rank: int):
@@ -82,7 +82,7 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
 
 
 def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
-              rounds: int) -> dict:
+              rounds: int, paths=PATHS) -> dict:
   batch = max(k_adapters, 16)
   trees = adapters(params, k_adapters, rank)
   bank = jlora.stack_adapters(trees)
@@ -93,9 +93,9 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
   pos = jnp.full((batch, 1), cache_len - 1, jnp.int32)
   setups = {"merged": (decoder("merged"), merged),
             "unmerged": (decoder("unmerged"), trees[0])}
-  for path in PATHS:
+  for path in paths:
     setups[path] = (decoder("bank", routing=path), bank)
-  auto = bank_lib._choose(None, k_adapters, rank)  # what "auto" routes this bank with
+  auto = routing_lib.choose_path(None, k_adapters, rank)  # what "auto" routes decode with
   caches, compiled, record = {}, {}, {}
   for name, (fn, p) in setups.items():
     cache = decode.init_cache(config, batch, cache_len)
@@ -108,7 +108,7 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
     compiled[name] = (c, p)
   # The bank's logits equal each sequence's own merged adapter's (one step).
   check = {}
-  for name in ("gather", "onehot", "segment"):
+  for name in paths:
     c, p = compiled[name]
     logits, caches[name] = c(p, ids, pos, caches[name], index)
     check[name] = logits
@@ -127,7 +127,8 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
   times = interleaved(calls, rounds)
   load_after = os.getloadavg()
   med = {k: statistics.median(v) for k, v in times.items()}
-  spread = max(float(jnp.max(jnp.abs(check[a] - check["gather"]))) for a in check)
+  first = next(iter(check), None)
+  spread = max((float(jnp.max(jnp.abs(check[a] - check[first]))) for a in check), default=0.0)
   out = {"K": k_adapters, "batch": batch, "auto": auto,
          "load_before": list(load_before), "load_after": list(load_after),
          "median_ms": {k: round(1e3 * v, 2) for k, v in med.items()},
@@ -135,7 +136,8 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
          "tokens_per_s": {k: round(batch / v, 1) for k, v in med.items()},
          "over_merged_tokens_per_s": {k: round(med["merged"] / v, 3) for k, v in med.items()},
          "compiled": record, "max_abs_logit_between_paths": spread}
-  out["over_merged_tokens_per_s"]["auto"] = out["over_merged_tokens_per_s"][auto]
+  if auto in med:
+    out["over_merged_tokens_per_s"]["auto"] = out["over_merged_tokens_per_s"][auto]
   print(json.dumps({k: out[k] for k in ("K", "batch", "auto", "load_before", "median_ms",
                                          "over_merged_tokens_per_s")}), flush=True)
   return out
@@ -229,8 +231,11 @@ def decoder(mode, routing="auto"):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--ks", default="1,16,64,256")
-  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--ks", default=None, help="adapter counts K (default 1,16,64,256; "
+                  "1,16 with --quick)")
+  ap.add_argument("--paths", default=",".join(PATHS), help="bank routing paths timed")
+  ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5; "
+                  "2 with --quick)")
   ap.add_argument("--layers", type=int, default=0, help="0: all 30")
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--cache", type=int, default=64, help="cache length (positions)")
@@ -241,8 +246,14 @@ def main(argv=None):
   ap.add_argument("--new-tokens", type=int, default=16, help="--peft: tokens generated")
   ap.add_argument("--peft-rounds", type=int, default=1,
                   help="--peft: PEFT's timed generate calls (eager: no warm-up call)")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
-  ks = [1, 16] if args.quick else [int(k) for k in args.ks.split(",")]
+  paths = tuple(args.paths.split(",")) if args.paths else ()
+  unknown = [p for p in paths if p not in PATHS]
+  if unknown:
+    ap.error(f"--paths: unknown {unknown}; choose from {list(PATHS)}")
+  rounds = args.rounds or (2 if args.quick else 5)
+  ks = [int(k) for k in (args.ks or ("1,16" if args.quick else "1,16,64,256")).split(",")]
   config, params, _ = llama.load_smollm2()
   config, params = lm.truncate(config, params, 2 if args.quick else args.layers)
   _CONFIG["config"] = config
@@ -251,22 +262,20 @@ def main(argv=None):
   results, peft = [], None
   if args.peft:
     peft = peft_compare(config, params, python=args.peft, k_adapters=16, rank=args.rank,
-                        n=args.new_tokens, rounds=args.rounds, peft_rounds=args.peft_rounds)
-    if "--ks" not in " ".join(argv or sys.argv):
+                        n=args.new_tokens, rounds=rounds, peft_rounds=args.peft_rounds)
+    if args.ks is None:
       ks = []
   for k in ks:
     results.append(measure_k(config, params, k, rank=args.rank, cache_len=args.cache,
-                             rounds=args.rounds))
-  out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "command": "python -m benchmarks.decode " + " ".join(argv or []),
-         "quick": args.quick, "jax": jax.__version__, "jaxlib": jax.lib.__version__
-         if hasattr(jax.lib, "__version__") else None,
-         "numpy": np.__version__, "python": platform.python_version(),
-         "device": str(jax.devices()[0]), "cpus": os.cpu_count(),
+                             rounds=rounds, paths=paths))
+  prov = utils.provenance()
+  prov["command"] = shlex.join(["python", "-m", "benchmarks.decode", *argv])
+  out = {**prov, "quick": args.quick, "device": str(jax.devices()[0]),
          "config": {"layers": config.num_hidden_layers, "rank": args.rank, "alpha": 2 * args.rank,
                     "targets": TARGETS.pattern, "cache_len": args.cache,
-                    "rounds": args.rounds, "dtype": "float32",
-                    "onehot_max_width": routing_lib.ONEHOT_MAX_WIDTH},
+                    "rounds": rounds, "dtype": "float32", "paths": list(paths),
+                    "onehot_max_width": routing_lib.ONEHOT_MAX_WIDTH,
+                    "grouped_capacities": list(routing_lib.GROUPED_CAPACITIES)},
          "results": results, "peft": peft}
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
   with open(args.json, "w") as f:

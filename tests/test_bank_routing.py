@@ -1,4 +1,4 @@
-"""A bank's routing paths (gather, onehot, segment, auto) against per-example references."""
+"""A bank's routing paths (gather, onehot, grouped, segment, auto) against per-example references."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,9 @@ import pytest
 import jlora
 from helpers import assert_trees_close, randomize_adapters
 from jlora.methods import bank as bank_lib
+from jlora.methods import routing as routing_lib
 
-PATHS = ("gather", "onehot", "segment")  # "auto" is one of them: test_auto_rule
+PATHS = ("gather", "onehot", "grouped", "segment")  # "auto" is one of them: test_auto_rule
 
 
 def model_fn(p, x):
@@ -47,14 +48,20 @@ def run(path, fn, *args):
     return jax.jit(fn)(*args)  # a fresh jit: traced under this path
 
 
-@pytest.mark.parametrize("k_adapters,fuse", ((1, False), (4, False), (4, True)))
-def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters, fuse,
+# The grouped path's branches: with 4 examples over 4 adapters its capacities are
+# 1 and 2 slots an adapter here; [3, 0, 2, 1] fits 1, [3, 0, 3, 1] needs 2, and
+# [3, 3, 3, 1] overflows both and takes the gather.
+@pytest.mark.parametrize("k_adapters,fuse,index", (
+    (1, False, [0, 0, 0, 0]), (4, False, [3, 0, 3, 1]), (4, True, [3, 0, 3, 1]),
+    (4, False, [3, 0, 2, 1]), (4, False, [3, 3, 3, 1])))
+def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters, fuse, index,
                                                                    monkeypatch):
   monkeypatch.setattr(bank_lib, "FUSE_ONEHOT", fuse)  # one-hot in the shared-input fusion
+  monkeypatch.setattr(routing_lib, "GROUPED_CAPACITIES", (1, 2))
   ts = trees(k_adapters)
   bank = jlora.stack_adapters(ts)
   x = jax.random.normal(jax.random.key(1), (4, 3, 6))
-  index = jnp.asarray([3, 0, 3, 1][:4] if k_adapters > 1 else [0] * 4, jnp.int32)
+  index = jnp.asarray(index, jnp.int32)
   fn = jlora.lora(model_fn)
   merged = [jax.jit(jlora.merge)(t) for t in ts]
   want = jnp.concatenate([model_fn(merged[int(k)], x[n:n + 1]) for n, k in enumerate(index)])
@@ -88,32 +95,36 @@ def test_paths_really_differ_in_the_compiled_program(monkeypatch):
   x = jnp.ones((4, 2, 6))
   index = jnp.arange(4, dtype=jnp.int32)
   texts = {}
-  for path in ("gather", "onehot", "segment"):
+  for path in PATHS:
     fn = lambda b, i, x: jlora.lora(model_fn)(jlora.route(b, i), x)  # noqa: E731
     with bank_lib.routing(path):  # a new function: traced anew (jit caches per function)
       texts[path] = str(jax.make_jaxpr(fn)(bank, index, x))
   assert "ragged_dot" in texts["segment"] and "ragged_dot" not in texts["gather"]
   assert texts["onehot"].count("gather") < texts["gather"].count("gather")
+  assert "scatter" in texts["grouped"] and "cond" in texts["grouped"]
+  assert "scatter" not in texts["gather"] and "cond" not in texts["gather"]
   # Fused one-hot: w1's and gate's x·A of all K adapters in one matmul.
   assert texts["onehot"].count("dot_general") < texts["gather"].count("dot_general")
 
 
 def test_auto_rule_and_bad_path():
-  from jlora.methods import routing as routing_lib
-  assert routing_lib.current_routing() == "auto"
-  w = routing_lib.ONEHOT_MAX_WIDTH
-  plan = None  # the rule needs only K and r
-  assert routing_lib.choose_path(plan, 1, 8) == "onehot"
-  assert routing_lib.choose_path(plan, w // 8, 8) == "onehot"
-  assert routing_lib.choose_path(plan, w // 8 + 1, 8) == "gather"
-  # Rows per example: decode (1 row) routes one-hot, a 128-token forward gathers.
   import types
-  one, seq = types.SimpleNamespace(rows_per_example=1), types.SimpleNamespace(rows_per_example=128)
-  assert routing_lib.choose_path(one, 16, 8) == "onehot"
-  assert routing_lib.choose_path(seq, 16, 8) == "gather"
-  assert routing_lib.choose_path(seq, 1, 8) == "onehot"  # one adapter: no extra work
+  assert routing_lib.current_routing() == "auto"
+
+  def path(rows, k, r=8):
+    return routing_lib.choose_path(types.SimpleNamespace(rows_per_example=rows), k, r)
+
+  # Decode (1 row an example) groups at every K, and so do a few rows ...
+  most = 8 // routing_lib.GROUPED_ROWS_PER_RANK  # rows an example at rank 8
+  assert [path(1, k) for k in (1, 16, 256)] == ["grouped"] * 3
+  assert routing_lib.choose_path(None, 16, 8) == "grouped"  # None: one row
+  assert path(most, 256) == "grouped" and path(most, 256, r=4) == "gather"
+  # ... beyond: one-hot while K·r and its extra FLOPs stay small, else the gather.
+  w = routing_lib.ONEHOT_MAX_WIDTH
+  assert path(most + 1, 2) == "onehot" and path(most + 1, w // 8 + 1) == "gather"
+  assert path(128, 16) == "gather" and path(128, 1) == "onehot"  # one adapter: no extra
   with bank_lib.routing("segment"):
-    assert routing_lib.choose_path(plan, 256, 8) == "segment"
+    assert routing_lib.choose_path(None, 256, 8) == "segment"
   with pytest.raises(jlora.LoraError, match="pass one of"):
     with bank_lib.routing("ragged"):
       pass

@@ -78,9 +78,9 @@ def test_unmerged_and_merged_adapter_agree(model, adapters):
   assert (merged != decode.generate(model[1], config, prompts, N)).any()  # adapters matter
 
 
-# "auto" routes this small bank one-hot; every path against the others and
+# "auto" routes this small bank grouped; every path against the others and
 # against merged references: tests/test_bank_routing.py.
-@pytest.mark.parametrize("routing", ("auto", "gather"))
+@pytest.mark.parametrize("routing", ("auto", "gather", "onehot"))
 def test_each_sequence_of_a_mixed_bank_batch_decodes_as_alone_with_its_merged_adapter(
     model, adapters, routing):
   from experiments.models import decode

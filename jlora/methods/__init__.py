@@ -7,7 +7,7 @@
 * `dora`: `DoRA` and `dora`.
 * `bank`: `Bank`, `stack_adapters` and `route` (K LoRA adapters, routed per
   example).
-* `routing`: how a bank routes each example (gather, one-hot, sorted
-  segments) and the ``auto`` rule.
+* `routing`: how a bank routes each example (gather, one-hot, grouped by
+  adapter, sorted segments) and the ``auto`` rule.
 * `scaling`: scaling a weight by a vector in factored form (IA3, DoRA).
 """

@@ -15,15 +15,18 @@ activations ``x`` entering each use of the weight that is not one of the
 weight's axes (the leading batch axis of a ``Dense`` input ``(batch, ...,
 in)``); its size must equal the index's. One forward pass serves the whole
 batch, and ``jax.grad`` sends gradients back into every bank member that was
-used. How each use picks its adapters (see "routing" below): ``onehot`` runs
-``x`` against all ``K`` adapters in two dense matmuls and masks by the index
-(chosen while ``K·r <= ONEHOT_MAX_WIDTH``), ``gather`` gathers ``A[index]``,
-``B[index]`` per example and runs one batched ``x·A·B`` (chosen beyond, and
-for stacked layers), ``segment`` sorts the rows by adapter for
-``jax.lax.ragged_dot`` (never chosen on CPU, where XLA lowers it as ``K``
-masked dense dots; force it with `routing`). On CPU, decoding SmolLM2 with a
-bank of K = 1, 16 / 64, 256 adapters, onehot / gather was the fastest path
-(BENCHMARKS.md, "Serving").
+used. How each use picks its adapters (`jlora.methods.routing`): ``grouped``
+scatters each example into a slot of its adapter and runs two matmuls
+batched over the bank as stored (chosen for few rows an example, as in
+decode), ``onehot`` runs ``x`` against all ``K`` adapters in two dense
+matmuls and masks by the index (chosen for more rows while ``K·r <=
+ONEHOT_MAX_WIDTH``), ``gather`` gathers ``A[index]``, ``B[index]`` per
+example and runs one batched ``x·A·B`` (chosen beyond, and for stacked
+layers), ``segment`` sorts the rows by adapter for ``jax.lax.ragged_dot``
+(never chosen on CPU, where XLA lowers it as ``K`` masked dense dots; force
+it with `routing`). On CPU, decoding SmolLM2 with a bank of K = 16 / 64 /
+256 adapters, grouped ran at 0.87 / 0.80 / 0.77 of merged's tokens/s, the
+fastest path at each K (BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from jlora import _labels, _structure, _tree
 from jlora._errors import LoraError, Problems
 from jlora.methods.base import DEFAULT_NAME, Method, WeightLabels
 from jlora.methods.lora import LoRA
-from jlora.methods.routing import (ROUTINGS, choose_path, current_routing, onehot_path,
-                                   plan_of, routing, segment_path)
+from jlora.methods.routing import (ROUTINGS, choose_path, current_routing, grouped_path,
+                                   onehot_path, plan_of, routing, segment_path)
 from jlora._tree import Path, path_str
 
 
@@ -177,7 +180,7 @@ class Bank(Method):
       plan = plan_of(x, use.x_labels, (a, al), (b, bl), use.out_labels, e)
       path = choose_path(plan, len(self.ranks), max(self.ranks)) if plan else "gather"
       if path != "gather":
-        delta = (onehot_path if path == "onehot" else segment_path)(
+        delta = {"onehot": onehot_path, "grouped": grouped_path, "segment": segment_path}[path](
             plan, x, index, self._scale_of(index), len(self.ranks), precision=use.precision,
             preferred_element_type=use.preferred_element_type)
         base = inner(use.x)

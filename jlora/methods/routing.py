@@ -1,12 +1,13 @@
-"""How a `Bank` routes each example to its adapter: the gather, one-hot and
-sorted-segment paths for ``x·A[index]·B[index]``, the ``auto`` rule, and
-`routing` to force a path while tracing."""
+"""How a `Bank` routes each example to its adapter: the gather, one-hot,
+grouped and sorted-segment paths for ``x·A[index]·B[index]``, the ``auto``
+rule, and `routing` to force a path while tracing."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jlora._errors import LoraError
 
 #
-# Three ways to run ``x·A[index]·B[index]`` for a batch routed per example:
+# Four ways to run ``x·A[index]·B[index]`` for a batch routed per example:
 #
 # * ``gather``: gathers ``A[index]``, ``B[index]`` (one copy per example) and
 #   runs one batched ``x·A·B``. Reads ``batch × r × (in + out)`` adapter
@@ -27,6 +28,16 @@ from jlora._errors import LoraError
 #   the runtime's shared-input fusion instead (q, k, v: one ``x·A`` matmul),
 #   which needs each ``A`` transposed to ``(in, K·r)``: a copy of the bank
 #   every call, measured slower (0.47× vs 0.68× merged at K 16), so off.
+# * ``grouped``: each example's rows scattered into one of ``capacity`` slots
+#   of its adapter, ``(K, capacity·rows, in)``, then two matmuls batched over
+#   ``k`` against the bank in place, and the results gathered back. Reads the
+#   bank once and copies ``x`` once; FLOPs ``capacity·K / batch``× those of
+#   one adapter. ``capacity`` is the smallest of ``GROUPED_CAPACITIES``
+#   (multiples of the batch's even share ``ceil(batch / K)``) that holds the
+#   busiest adapter's examples; a batch busier than the largest takes the
+#   gather (``lax.cond``: one compiled function serves every routing). The
+#   even share first: on CPU one slot per adapter runs as matrix-vector
+#   products, twice as fast per byte of the bank as two slots.
 # * ``segment``: rows sorted by adapter, ``jax.lax.ragged_dot`` against the
 #   ``(K, in, r)`` and ``(K, r, out)`` stacks with the group sizes, unsorted.
 #   A grouped matmul where one exists (GPU/TPU kernels); XLA:CPU lowers
@@ -37,17 +48,27 @@ from jlora._errors import LoraError
 # while a function is traced (jit caches what it traced: force the path
 # before the first call of a jitted function).
 
-ROUTINGS = ("auto", "gather", "onehot", "segment")
+ROUTINGS = ("auto", "gather", "onehot", "grouped", "segment")
 _ROUTING = contextvars.ContextVar("jlora_bank_routing", default="auto")
-# The ``auto`` rule: one-hot while the bank's width ``K·r`` stays within this
-# many columns (measured, BENCHMARKS.md "Serving"), else the gather ...
+# The ``auto`` rule. First the grouped path, while the rows it copies stay
+# few: it copies ``x`` (``rows`` values per example and input) where the
+# gather copies the adapters (``r`` per example and input), so grouped while
+# ``GROUPED_ROWS_PER_RANK · rows <= r``. Decode (1 row an example) groups: on
+# CPU it was the fastest path at K = 16, 64, 256 and tied at K 1
+# (BENCHMARKS.md "Serving": 0.87×, 0.80×, 0.77× merged's tokens/s).
+GROUPED_ROWS_PER_RANK = 2
+# Slots per adapter the grouped path tries, as multiples of the batch's even
+# share ``ceil(batch / K)`` (the smallest that holds the busiest adapter).
+GROUPED_CAPACITIES = (1, 4)
+# Then one-hot, while the bank's width ``K·r`` stays within this many columns
+# (measured, BENCHMARKS.md "Serving") ...
 ONEHOT_MAX_WIDTH = 128
 # ... and while one-hot's extra work stays below the gather's copies. Per
 # example and adapter value, one-hot does ``2·(K − 1)·rows`` more FLOPs than
 # the gather (``rows``: the example's tokens), which instead copies that value
-# once; on CPU a copied value costs about this many FLOPs. So decode (1 row an
-# example) routes one-hot at K 16, a full-sequence forward (128 rows) gathers
-# (BENCHMARKS.md "Mixed-task batches": one-hot there was 2.1× a single adapter).
+# once; on CPU a copied value costs about this many FLOPs. So a full-sequence
+# forward (128 rows an example) gathers at K 16 (BENCHMARKS.md "Mixed-task
+# batches": one-hot there was 2.1× a single adapter). Else the gather.
 ONEHOT_FLOPS_PER_COPY = 64
 
 
@@ -56,8 +77,8 @@ def routing(path: str):
   """Forces how banks route per-example batches while a function is traced.
 
   Args:
-    path: ``"auto"`` (the default rule), ``"gather"``, ``"onehot"`` or
-      ``"segment"`` (see the notes above `ROUTINGS` in this module). The
+    path: ``"auto"`` (the default rule), ``"gather"``, ``"onehot"``,
+      ``"grouped"`` or ``"segment"`` (see the notes above `ROUTINGS` in this module). The
       result is the same up to float rounding; the cost differs.
 
   Raises:
@@ -73,10 +94,10 @@ def routing(path: str):
     >>> fn = jlora.lora(lambda p, x: x @ p["dense"]["kernel"])
     >>> routed = jlora.route(jlora.stack_adapters(trees), jnp.array([1, 0]))
     >>> outs = []
-    >>> for path in ("gather", "onehot", "segment"):
+    >>> for path in ("gather", "onehot", "grouped", "segment"):
     ...   with bank_lib.routing(path):
     ...     outs.append(fn(routed, jnp.ones((2, 3))))
-    >>> bool(jnp.allclose(outs[0], outs[1]) and jnp.allclose(outs[0], outs[2]))
+    >>> all(bool(jnp.allclose(outs[0], out)) for out in outs[1:])
     True
   """
   if path not in ROUTINGS:
@@ -145,8 +166,11 @@ def choose_path(plan: _Plan | None, k: int, r: int) -> str:
   if path != "auto":
     return path
   rows = 1 if plan is None else plan.rows_per_example
-  cheap = k * r <= ONEHOT_MAX_WIDTH and 2 * (k - 1) * rows <= ONEHOT_FLOPS_PER_COPY
-  return "onehot" if cheap else "gather"
+  if GROUPED_ROWS_PER_RANK * rows <= r:
+    return "grouped"
+  if k * r <= ONEHOT_MAX_WIDTH and 2 * (k - 1) * rows <= ONEHOT_FLOPS_PER_COPY:
+    return "onehot"
+  return "gather"
 
 
 def _rows(plan: _Plan, x):
@@ -177,6 +201,41 @@ def onehot_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element
   t = t * weight.T[:, :, None, None].astype(t.dtype)
   f2 = f2.reshape(k, f2.shape[1], -1).astype(t.dtype)
   y = jnp.einsum("kefr,kro->efo", t, f2, **kw)
+  return _finish(plan, y, shape)
+
+
+def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type):
+  (f1, _), (f2, _) = plan.first, plan.second
+  rows, shape = _rows(plan, x)
+  e, f, c = rows.shape
+  caps = sorted({min(e, m * -(-e // k)) for m in GROUPED_CAPACITIES})
+  f1 = f1.reshape(k, c, f1.shape[-1]).astype(rows.dtype)
+  f2 = f2.reshape(k, f2.shape[1], -1).astype(rows.dtype)
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  counts = jnp.bincount(index, length=k)
+  order = jnp.argsort(index, stable=True)
+  rank = jnp.zeros_like(index).at[order].set(  # the example's place among its adapter's
+      jnp.arange(e, dtype=index.dtype) - (jnp.cumsum(counts) - counts)[index[order]])
+
+  def grouped(cap):
+    def at(rows):
+      slot = index * cap + rank  # the example's slot among its adapter's
+      xs = jnp.zeros((k * cap, f, c), rows.dtype).at[slot].set(rows, unique_indices=True)
+      t = jnp.einsum("kmc,kcr->kmr", xs.reshape(k, cap * f, c), f1, **kw)
+      y = jnp.einsum("kmr,kro->kmo", t.astype(f2.dtype), f2, **kw)
+      return y.reshape(k * cap, f, -1)[slot]
+    return at
+
+  def gathered(rows):  # an adapter has more examples than the largest capacity
+    t = jnp.einsum("efc,ecr->efr", rows, f1[index], **kw)
+    return jnp.einsum("efr,ero->efo", t.astype(f2.dtype), f2[index], **kw)
+
+  busiest = jnp.max(counts)
+  run = grouped(caps.pop()) if caps[-1] == e else gathered  # e slots hold any batch
+  for cap in reversed(caps):  # the smallest capacity that holds the busiest adapter
+    run = functools.partial(jax.lax.cond, busiest <= cap, grouped(cap), run)
+  y = run(rows)
+  y = y * scale[:, None, None].astype(y.dtype)
   return _finish(plan, y, shape)
 
 

@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmark scripts (``--quick``): they run and write what
+BENCHMARKS.md reads. Their numbers mean nothing here; the figures come from
+full runs on an idle machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_decode_benchmark_quick(tmp_path):
+  path = tmp_path / "decode.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.decode", "--quick", "--ks", "16", "--paths",
+       "gather,grouped", f"--json={path}"], cwd=REPO, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(path.read_text())
+  assert out["cpu_model"] and out["versions"]["jax"] and out["load_average_1_5_15"]
+  assert out["command"].endswith("--paths gather,grouped --json=" + str(path))
+  (k16,) = out["results"]
+  assert k16["K"] == 16 and set(k16["median_ms"]) == {"merged", "unmerged", "gather", "grouped"}
+  assert k16["max_abs_logit_between_paths"] < 1e-3  # the paths agree
+  ratios = k16["over_merged_tokens_per_s"]
+  assert k16["auto"] == "grouped" and ratios["auto"] == ratios["grouped"]
+  # The grouped path reads the bank in place: no per-example copies of the adapters.
+  temps = {k: v["temp_bytes"] for k, v in k16["compiled"].items()}
+  assert temps["grouped"] < temps["gather"]
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--paths", "ragged"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "--paths: unknown ['ragged']" in bad.stderr
