@@ -178,8 +178,10 @@ SETUPS = {
         show=lambda v: f"{100 * v:.1f}"),
     "smollm2_mobydick": Setup(
         config="smollm2_mobydick", name="mobydick",
-        # full chose 5e-5, then its largest rate, so 1e-4 was added
-        grids={"lora": (3e-4, 1e-3, 3e-3, 1e-2), "full": (5e-6, 1e-5, 2e-5, 5e-5, 1e-4)},
+        # full chose 5e-5, then its largest rate, so 1e-4 was added; it chose 1e-4 in turn,
+        # so 2e-4 and 5e-4 were added
+        grids={"lora": (3e-4, 1e-3, 3e-3, 1e-2),
+               "full": (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4)},
         run_keys=("rank", "alpha", "targets", "head", "warmup", "steps", "weight_decay",
                   "batch_size", "seq_len", "n_heldout", "eval_tokens", "eval_every",
                   "eval_batch", "layers"),
