@@ -48,7 +48,8 @@ OWN = {
     "seeds": (3, "seeds of the comparison (experiment 2)"),
     "sweep_seeds": (3, "seeds of the rank and matrix sweeps"),
     "rates": ("protocol", "'protocol': lr and full_lr are the rates experiments.protocol selected "
-              "on validation for lora and full (results/protocol_fortunes.json); 'config': as set"),
+              "on validation for lora and full at this budget (steps; "
+              "results/protocol_fortunes.json); 'config': as set"),
     "ranks": ((1, 2, 4, 8, 16, 64), "ranks of the rank sweep (LoRA on Wq, Wv)"),
     "budget_rank": (8, "rank of one adapted matrix; 2 matrices get budget/2, 4 get budget/4"),
     "matrices": (("query", "key", "value", "out", "query+key", "query+value",
@@ -471,22 +472,29 @@ def redraw(results: str, folder: str) -> list[str]:
 
 
 def protocol_rates(sweep: dict[str, Any]) -> dict[str, float]:
-  """``lr`` and ``full_lr`` from the protocol's selection, if ``rates`` asks for it."""
+  """``lr`` and ``full_lr`` as the protocol selected them for lora and full at the
+  sweep's budget (``steps``: the selection of that budget, final or not), if
+  ``rates`` asks for it."""
   if sweep["rates"] == "config" or sweep["quick"]:
     return {}
   if sweep["rates"] != "protocol":
     raise config_lib.ConfigError(f"--rates: {sweep['rates']!r}; valid: 'protocol', 'config'")
   path = os.path.join(REPO_ROOT, "experiments", "results", "protocol_fortunes.json")
-  chosen = {}
+  methods = {}
   if os.path.isfile(path):
     with open(path) as f:
       methods = json.load(f).get("methods", {})
-    chosen = {k: methods[m]["selection"]["lr"] for k, m in (("lr", "lora"), ("full_lr", "full"))
-              if m in methods}
+  chosen, budgets = {}, {}
+  for key, method in (("lr", "lora"), ("full_lr", "full")):
+    entry = methods.get(method, {})
+    tried = [entry["selection"], *entry.get("other_budgets", [])] if entry else []
+    budgets[method] = sorted(s["steps"] for s in tried)
+    chosen.update({key: s["lr"] for s in tried if s["steps"] == sweep["steps"]})
   if len(chosen) < 2:
     raise config_lib.ConfigError(
-        f"--rates=protocol: {path} has no selected rate for both lora and full; run "
-        "`python -m experiments.protocol --methods=lora,full` first, or pass --rates=config")
+        f"--rates=protocol: {path} has no rate selected at {sweep['steps']} steps for both "
+        f"lora and full (budgets selected: {budgets}); run `python -m experiments.protocol "
+        "--methods=lora,full` first, pass one of those --steps, or pass --rates=config")
   return chosen
 
 

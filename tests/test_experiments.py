@@ -353,6 +353,28 @@ def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   assert "Traceback" not in proc.stderr and "loading" not in proc.stdout
 
 
+def test_fortunes_sweeps_take_the_rates_selected_at_their_own_budget(tmp_path, monkeypatch):
+  """lora's final selection is at 300 steps; a 150-step sweep takes its 150-step rate."""
+  from experiments import fortunes_sweeps
+
+  def sel(steps, lr, final):
+    return {"steps": steps, "lr": lr, "final": final}
+
+  summary = {"methods": {
+      "lora": {"selection": sel(300, 5e-4, True), "other_budgets": [sel(150, 5e-3, False)]},
+      "full": {"selection": sel(150, 1e-4, True), "other_budgets": [sel(300, 3e-5, False)]}}}
+  (tmp_path / "experiments" / "results").mkdir(parents=True)
+  (tmp_path / "experiments" / "results" / "protocol_fortunes.json").write_text(
+      json.dumps(summary))
+  monkeypatch.setattr(fortunes_sweeps, "REPO_ROOT", str(tmp_path))
+  sweep = {"rates": "protocol", "quick": False, "steps": 150}
+  assert fortunes_sweeps.protocol_rates(sweep) == {"lr": 5e-3, "full_lr": 1e-4}
+  assert fortunes_sweeps.protocol_rates(dict(sweep, steps=300)) == {"lr": 5e-4, "full_lr": 3e-5}
+  with pytest.raises(config.ConfigError, match=r"no rate selected at 600 steps .*"
+                     r"'lora': \[150, 300\]"):
+    fortunes_sweeps.protocol_rates(dict(sweep, steps=600))
+
+
 def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monkeypatch):
   """Two synthetic methods. lora's validation curve flattens at half of any budget, as
   under a cosine schedule: the in-run check passes at 150 steps, but 300 steps score
