@@ -417,19 +417,17 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
 
 
 def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
-  for args in (("--quantize=nf4",), ("--config=smollm2_mobydick", "--quantize=nf4"),
-               ("--config=smollm2_mobydick", "--methods=lora,ia3"), ("--config=minilm",),
-               ("--fixed_budget=lora,bogus",)):
+  expected = {
+      ("--quantize=nf4",): "--quantize=nf4: the protocol sets each method's base itself",
+      ("--config=smollm2_mobydick", "--quantize=nf4"): "--quantize=nf4",
+      ("--config=smollm2_mobydick", "--methods=lora,ia3"): "unknown ['ia3'] for smollm2_mobydick",
+      ("--config=minilm",): "--config=minilm",
+      ("--fixed_budget=lora,bogus",): "--fixed_budget: unknown ['bogus']"}
+  for args, message in expected.items():
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
     assert "Traceback" not in proc.stderr and "loading" not in proc.stdout, args
-  proc = _run("experiments.protocol", "--quantize=nf4", timeout=120)
-  assert "--quantize=nf4: the protocol sets each method's base itself" in proc.stderr
-  proc = _run("experiments.protocol", "--config=smollm2_mobydick", "--methods=lora,ia3",
-              timeout=120)
-  assert "unknown ['ia3'] for smollm2_mobydick" in proc.stderr
-  proc = _run("experiments.protocol", "--fixed_budget=lora,bogus", timeout=120)
-  assert "--fixed_budget: unknown ['bogus']" in proc.stderr
+    assert message in proc.stderr, (args, proc.stderr)
 
 
 def test_data_parallel_takes_its_settings_like_every_script():
