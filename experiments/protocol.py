@@ -161,14 +161,17 @@ SETUPS = {
     "minilm_fortunes": Setup(
         config="minilm_fortunes", name="fortunes",
         # 4 or more rates spanning at least 10x, centred on the rate each method ran at before
-        grids={"probe": (5e-4, 2e-3, 5e-3, 2e-2), "lora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+        # lora chose 5e-4, its smallest rate, at 300 steps (tied with 2e-3 and 5e-3), so 2e-4
+        # was added
+        grids={"probe": (5e-4, 2e-3, 5e-3, 2e-2), "lora": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
                "lora_all": (5e-4, 1e-3, 2e-3, 5e-3),
                # qlora and dora chose 5e-3, their largest rate, so 1e-2 was added (as lora's)
                # dora chose 1e-2, then the largest, so 2e-2 was added
                "qlora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
                "dora": (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
                "ia3": (3e-3, 1e-2, 3e-2, 1e-1),
-               "full": (1e-5, 3e-5, 1e-4, 3e-4)},
+               # full chose 3e-4, its largest rate, at 300 steps, so 1e-3 was added
+               "full": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)},
         run_keys=("rank", "alpha", "targets", "head", "head_lr", "warmup", "steps",
                   "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
                   "val_size", "train_size", "test_size", "eval_every", "eval_batch", "ia3_lr"),
