@@ -25,8 +25,8 @@ example and runs one batched ``x·A·B`` (chosen beyond, and for stacked
 layers), ``segment`` sorts the rows by adapter for ``jax.lax.ragged_dot``
 (never chosen on CPU, where XLA lowers it as ``K`` masked dense dots; force
 it with `routing`). On CPU, decoding SmolLM2 with a bank of K = 16 / 64 /
-256 adapters, grouped ran at 0.87 / 0.80 / 0.77 of merged's tokens/s, the
-fastest path at each K (BENCHMARKS.md, "Serving").
+256 adapters, grouped ran at 0.83–0.87 / 0.76–0.80 / 0.76–0.77 of merged's
+tokens/s over two runs, the fastest path at each K (BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations

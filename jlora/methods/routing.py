@@ -55,7 +55,8 @@ _ROUTING = contextvars.ContextVar("jlora_bank_routing", default="auto")
 # gather copies the adapters (``r`` per example and input), so grouped while
 # ``GROUPED_ROWS_PER_RANK · rows <= r``. Decode (1 row an example) groups: on
 # CPU it was the fastest path at K = 16, 64, 256 and tied at K 1
-# (BENCHMARKS.md "Serving": 0.87×, 0.80×, 0.77× merged's tokens/s).
+# (BENCHMARKS.md "Serving": 0.83–0.87×, 0.76–0.80×, 0.76–0.77× merged's
+# tokens/s over two runs).
 GROUPED_ROWS_PER_RANK = 2
 # Slots per adapter the grouped path tries, as multiples of the batch's even
 # share ``ceil(batch / K)`` (the smallest that holds the busiest adapter).
