@@ -16,11 +16,15 @@ modelling, scored by held-out perplexity):
    probe's ``probe_steps``), up to ``doublings`` times. A budget is enough
    when doubling it did not raise the selected validation score by more
    than ``plateau``: training twice as long did not help. Step 2 runs at the
-   first budget that is enough, else at the last one tried. The score is
+   first budget that is enough, else at the last one tried. A doubled grid
+   leaves out the rates above the selected one that scored more than
+   ``drop`` below it: a longer schedule moves the best peak rate down, not
+   up, so a rate already too large does not come back. The score is
    accuracy for fortunes and minus the log perplexity (the mean NLL in nats)
    for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
-   perplexity. A last budget that was not doubled (``doublings`` spent, or
-   the method in ``fixed_budget``) has only the in-run check: the best
+   perplexity. ``doublings_for`` sets a method's own number of doublings
+   (``lora_all:0`` keeps it at its first budget). A last budget that was
+   not doubled has only the in-run check: the best
    validation score (every ``eval_every`` steps) of the run's last third
    within ``plateau`` of its best before. That check alone is weak under a
    cosine schedule, whose decayed rate flattens every curve's end, which is
@@ -86,7 +90,10 @@ OWN = {
     "plateau": (0.01, "a budget is enough when doubling it gains at most this in val score"),
     "doublings": (1, "the selection runs again at twice the budget (steps; the probe's "
                   "probe_steps), up to this many times, until doubling stops helping"),
-    "fixed_budget": ((), "methods kept at their first budget (only the in-run check)"),
+    "doublings_for": ((), "method:N, a method's own doublings in place of doublings "
+                      "(lora_all:0 keeps it at its first budget: only the in-run check)"),
+    "drop": (0.05, "a doubled grid leaves out the rates above the selected one that "
+             "scored more than this below it"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
 }
 QUICK_GRID = (1e-3, 1e-2)
@@ -95,6 +102,24 @@ QUICK_GRID = (1e-3, 1e-2)
 def budget_of(method: str) -> str:
   """The setting that is a method's training budget."""
   return "probe_steps" if method == "probe" else "steps"
+
+
+def doublings_of(cfg: dict[str, Any], method: str) -> int:
+  """How many times a method's budget may double: its ``doublings_for`` entry, else
+  ``doublings``."""
+  own = dict(item.split(":") for item in cfg["doublings_for"])
+  return int(own[method]) if method in own else cfg["doublings"]
+
+
+def _check_doublings_for(items: tuple[str, ...], methods) -> list[str]:
+  """The problems of ``--doublings_for``: every item ``method:N``, a known method, N >= 0."""
+  problems = []
+  for item in items:
+    name, _, n = item.partition(":")
+    if name not in methods or not n.isdigit():
+      problems.append(f"{item!r}" + ("" if n.isdigit() else " (N must be an integer >= 0)")
+                      + ("" if name in methods else f" (unknown method {name!r})"))
+  return problems
 
 
 # --------------------------------------------------------------------------- the two tasks
@@ -239,25 +264,32 @@ def converged(evals: list[dict[str, Any]], tolerance: float, key: str,
 def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[str, Any]]:
   """The grid at ``select_seed``; the rate with the best final validation score.
 
-  Then the whole grid again at twice the budget, up to ``doublings`` times, until
+  Then the grid again at twice the budget (less the rates above the selected one
+  that scored more than ``drop`` below it), up to ``doublings_of`` times, until
   doubling no longer raises the selected score by more than ``plateau``. Returns
   one selection per budget tried; ``final`` marks the one the seeds run at.
   """
-  grid = QUICK_GRID if cfg["quick"] else setup.grids[method]
+  grid = whole = list(QUICK_GRID if cfg["quick"] else setup.grids[method])
   budget, val = budget_of(method), f"val_{setup.metric}"
   tried = []
-  for doubling in range(1 + (0 if method in cfg["fixed_budget"] else cfg["doublings"])):
+  for doubling in range(1 + doublings_of(cfg, method)):
     at = dict(cfg, **{budget: cfg[budget] * 2 ** doubling})
+    if doubling:  # rates above the selected one, far behind it, stay out
+      last = tried[-1]
+      best_score = setup.score(last[val][last["grid"].index(last["lr"])])
+      grid = [lr for lr, v in zip(last["grid"], last[val])
+              if lr <= last["lr"] or setup.score(v) >= best_score - cfg["drop"]]
     rows = [run(setup, data, at, method, cfg["select_seed"], lr) for lr in grid]
     best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
     check = dict(converged(best["evals"], cfg["plateau"], val, setup.score),
                  rule="in-run", doubling_gain=None)
-    tried.append({"grid": list(grid), val: [r[val] for r in rows], "lr": best["lr"],
-                  "edge": best["lr"] in (min(grid), max(grid)), budget: at[budget],
+    tried.append({"grid": grid, val: [r[val] for r in rows], "lr": best["lr"],
+                  "edge": best["lr"] in (min(whole), max(whole)), budget: at[budget],
                   "budget": check, "final": False, "runs": [r["file"] for r in rows]})
     if doubling:
       shorter = tried[-2]
-      gain = setup.score(best[val]) - setup.score(shorter[val][grid.index(shorter["lr"])])
+      gain = setup.score(best[val]) - setup.score(
+          shorter[val][shorter["grid"].index(shorter["lr"])])
       shorter["budget"].update(rule="doubling", doubling_gain=gain,
                                in_run_converged=shorter["budget"]["converged"],
                                converged=bool(gain <= cfg["plateau"]))
@@ -356,11 +388,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = config_lib.load(argv, default=setup.config, own=OWN, own_quick=setup.quick,
                         over=setup.over, fixed=True, usage=__doc__)
   cfg = dict(cfg, progress=False, **({"ia3_lr": None} if setup.name == "fortunes" else {}))
-  for name in ("methods", "fixed_budget"):
-    unknown = [m for m in cfg[name] if m not in setup.grids]
-    if unknown:
-      raise config_lib.ConfigError(f"--{name}: unknown {unknown} for {setup.config}; valid: "
-                                   f"{list(setup.grids)}")
+  unknown = [m for m in cfg["methods"] if m not in setup.grids]
+  if unknown:
+    raise config_lib.ConfigError(f"--methods: unknown {unknown} for {setup.config}; valid: "
+                                 f"{list(setup.grids)}")
+  problems = _check_doublings_for(cfg["doublings_for"], setup.grids)
+  if problems:
+    raise config_lib.ConfigError(
+        f"--doublings_for: {', '.join(problems)}; write method:N, N >= 0, with methods from "
+        f"{list(setup.grids)} (e.g. --doublings_for=lora_all:0,full:2)")
   if cfg["quantize"]:  # not in the cache keys: each method sets its own base
     raise config_lib.ConfigError(
         f"--quantize={cfg['quantize']}: the protocol sets each method's base itself (method "
@@ -424,7 +460,7 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
       else:
         verdict = (f"{'converged' if check['converged'] else 'NOT converged'} by the in-run "
                    f"check only (best val at step {check['best_val_step']})"
-                   + ("; --fixed_budget: not doubled" if method in cfg["fixed_budget"] else ""))
+                   + ("; not doubled" if doublings_of(cfg, method) == 0 else ""))
       lines.append(f"{'*' if s is e['selection'] else ' '} {method}, {s[budget]} {budget}: "
                    f"{val} by rate ({grid}) -> lr {s['lr']:g}"
                    f"{' (at the edge of the grid)' if s['edge'] else ''}; {verdict}")

@@ -384,19 +384,22 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
 
   def body(data, cfg, method, seed, lr):
     flat_from = cfg["steps"] // 2 if method == "lora" else 100
-    curve = [{"step": t, "val_acc": 0.5 + lr * min(t, flat_from)}
+    curve = [{"step": t, "val_acc": 0.3 if lr > 1e-2 else 0.5 + lr * min(t, flat_from)}
              for t in range(25, cfg["steps"] + 1, 25)]
     return {"val_acc": curve[-1]["val_acc"], "test_acc": 0.0, "evals": curve, "losses": [],
             "trainable_params": 1, "total_params": 1}
 
   monkeypatch.setattr(protocol.Setup, "folder", lambda self, quick: str(tmp_path))
-  grid = (1e-4, 2e-3, 1e-3)
+  grid = (1e-4, 2e-3, 1e-3, 5e-2)  # 5e-2: above the best and far behind it
   setup = dataclasses.replace(protocol.SETUPS["minilm_fortunes"], body=body,
                               grids={"lora": grid, "full": grid})
   cfg = {"quick": False, "steps": 150, "select_seed": 0, "plateau": 0.01, "doublings": 1,
-         "fixed_budget": ()}
+         "doublings_for": (), "drop": 0.05}
   short, long = protocol.select(setup, None, cfg, "lora")
   assert short["lr"] == long["lr"] == 2e-3 and (short["steps"], long["steps"]) == (150, 300)
+  # the doubled grid drops the rate above the best that was far behind, not the one below
+  assert short["grid"] == list(grid) and long["grid"] == [1e-4, 2e-3, 1e-3]
+  assert not long["edge"]
   assert short["budget"]["in_run_converged"] and short["budget"]["rule"] == "doubling"
   assert not short["budget"]["converged"] and not short["final"] and long["final"]
   assert abs(short["budget"]["doubling_gain"] - 2e-3 * 75) < 1e-9
@@ -404,16 +407,21 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
   enough, doubled = protocol.select(setup, None, cfg, "full")
   assert enough["final"] and enough["budget"]["converged"] and not doubled["final"]
   assert enough["budget"]["doubling_gain"] == 0 and doubled["steps"] == 300
-  assert len(os.listdir(tmp_path)) == 12  # 3 rates x 2 budgets x 2 methods
+  assert len(os.listdir(tmp_path)) == 14  # (4 + 3 rates) x 2 methods
   for name in os.listdir(tmp_path):  # every run says where it ran: hosts differ in speed
     assert json.loads((tmp_path / name).read_text())["provenance"]["cpu_model"]
-  for kept in (dict(cfg, doublings=0), dict(cfg, fixed_budget=("lora",))):  # all cached
+  for kept in (dict(cfg, doublings=0), dict(cfg, doublings_for=("lora:0",)),
+               dict(cfg, doublings=3, doublings_for=("full:2", "lora:0"))):  # all cached
     (only,) = protocol.select(setup, None, kept, "lora")
     assert only["final"] and only["budget"]["rule"] == "in-run" and only["steps"] == 150
-  assert len(os.listdir(tmp_path)) == 12
+  assert len(os.listdir(tmp_path)) == 14
   at_300 = protocol.select(setup, None, dict(cfg, steps=300, doublings=3), "full")
   assert [(s["steps"], s["final"]) for s in at_300] == [(300, True), (600, False)]
-  assert len(os.listdir(tmp_path)) == 15
+  assert len(os.listdir(tmp_path)) == 18  # 5e-2 at 300 steps, then 3 rates at 600
+  longer = protocol.select(setup, None, dict(cfg, doublings_for=("lora:2",)), "lora")
+  assert [s["steps"] for s in longer] == [150, 300, 600]  # lora still gains at 600
+  assert [s["final"] for s in longer] == [False, False, True]
+  assert len(os.listdir(tmp_path)) == 21
 
 
 def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
@@ -422,7 +430,8 @@ def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
       ("--config=smollm2_mobydick", "--quantize=nf4"): "--quantize=nf4",
       ("--config=smollm2_mobydick", "--methods=lora,ia3"): "unknown ['ia3'] for smollm2_mobydick",
       ("--config=minilm",): "--config=minilm",
-      ("--fixed_budget=lora,bogus",): "--fixed_budget: unknown ['bogus']"}
+      ("--doublings_for=lora:2,bogus:1,full:x",):
+          "--doublings_for: 'bogus:1' (unknown method 'bogus'), 'full:x' (N must be an integer"}
   for args, message in expected.items():
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
