@@ -112,13 +112,18 @@ def doublings_of(cfg: dict[str, Any], method: str) -> int:
 
 
 def _check_doublings_for(items: tuple[str, ...], methods) -> list[str]:
-  """The problems of ``--doublings_for``: every item ``method:N``, a known method, N >= 0."""
+  """The problems of ``--doublings_for``: every item ``method:N``, a known method, N >= 0,
+  each method once."""
   problems = []
-  for item in items:
-    name, _, n = item.partition(":")
+  names = [item.partition(":")[0] for item in items]
+  for item, name in zip(items, names):
+    n = item.partition(":")[2]
     if name not in methods or not n.isdigit():
       problems.append(f"{item!r}" + ("" if n.isdigit() else " (N must be an integer >= 0)")
                       + ("" if name in methods else f" (unknown method {name!r})"))
+  twice = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+  problems += [f"{name!r} given {names.count(name)} times (give each method once)"
+               for name in twice]
   return problems
 
 

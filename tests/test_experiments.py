@@ -431,7 +431,8 @@ def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
       ("--config=smollm2_mobydick", "--methods=lora,ia3"): "unknown ['ia3'] for smollm2_mobydick",
       ("--config=minilm",): "--config=minilm",
       ("--doublings_for=lora:2,bogus:1,full:x",):
-          "--doublings_for: 'bogus:1' (unknown method 'bogus'), 'full:x' (N must be an integer"}
+          "--doublings_for: 'bogus:1' (unknown method 'bogus'), 'full:x' (N must be an integer",
+      ("--doublings_for=lora:2,full:1,lora:0",): "--doublings_for: 'lora' given 2 times"}
   for args, message in expected.items():
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
