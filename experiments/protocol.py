@@ -52,7 +52,8 @@ Moby Dick ``protocol_mobydick/``: its settings, the validation curve, the
 test metric, date, load and versions), keyed by its settings, so an
 interrupted protocol resumes and every number it reports is a committed
 file. The summary goes to ``experiments/results/protocol_fortunes.json``
-(``protocol_mobydick.json``) with the curves in a PNG of the same name.
+(``protocol_mobydick.json``) with the curves in a PNG of the same name and
+the table of `experiments/RESULTS.md` in a ``.md`` of the same name.
 ``--quick``: a smoke run under ``runs/quick`` whose numbers mean nothing.
 
 Examples::
@@ -305,6 +306,55 @@ def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[st
   return tried
 
 
+def _rate(lr: float) -> str:
+  """A learning rate as the tables write it: 5e-4, 1e-2."""
+  return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
+  """The summary as a markdown table, one row per (method, budget), chosen budget and
+  rate in bold; test metric, seeds and paired differences on the chosen budget's row.
+  Needs the ``paired`` entries `report` adds."""
+  val, test = f"val_{setup.metric}", f"test_{setup.metric}"
+  scale = 100 if setup.metric == "acc" else 1
+  refs = list(dict.fromkeys((cfg["reference"], "full")))
+  rows = []
+  for method, e in out["methods"].items():
+    budget = budget_of(method)
+    tried = sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget])
+    for i, s in enumerate(tried):
+      chosen = s is e["selection"]
+      check = s["budget"]
+      if check["rule"] == "doubling":
+        longer = tried[i + 1][budget] if i + 1 < len(tried) else 2 * s[budget]
+        verdict = (f"{'enough' if check['converged'] else 'not enough'}: {longer} gained "
+                   f"{100 * check['doubling_gain']:+.2f}")
+      else:
+        verdict = (f"in-run: {'converged' if check['converged'] else '**not** converged'} "
+                   f"(best at {check['best_val_step']})"
+                   + ("; not doubled" if doublings_of(cfg, method) == 0 else ""))
+      grid = ", ".join((f"**{_rate(lr)}: {setup.show(v)}**" if chosen and lr == s["lr"] else
+                        f"{_rate(lr)}: {setup.show(v)}") for lr, v in zip(s["grid"], s[val]))
+      trainable = f"{e['trainable_params']:,}" if "trainable_params" in e else ""
+      cells = [method if i == 0 else "", trainable if i == 0 else "",
+               f"**{s[budget]}**" if chosen else str(s[budget]), grid, verdict]
+      if chosen and test in e:
+        values = list(e[test].values())
+        cells += [f"**{utils.pm(values, scale, 2)}**",
+                  " / ".join(f"{scale * v:.2f}" for v in values)]
+        for ref in refs:
+          p = e.get("paired", {}).get(ref)
+          cells.append("–" if p is None else
+                       f"{scale * p['mean']:+.2f}; {p['ahead']} of {len(p['seeds'])} ahead"
+                       + (f", p = {p['p']:.3f}" if p["p"] is not None else ""))
+      else:
+        cells += [""] * (2 + len(refs))
+      rows.append(cells)
+  return utils.table(["method", "trainable", budget, f"{val} by rate (seed "
+                      f"{cfg['select_seed']})", "budget", f"{test} ({cfg['seeds']} seeds)",
+                      "per seed", *(f"− {r}, paired" for r in refs)], rows)
+
+
 def paired(mine: dict[int, float], ref: dict[int, float],
            score: Callable[[float], float] = float) -> dict[str, Any]:
   """``mine - ref`` seed by seed; "ahead" = the better score (higher accuracy, lower
@@ -438,6 +488,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out["plot"] = {"file": os.path.basename(path[:-5] + ".png"),
                  "curves": plot(setup, out, path[:-5] + ".png")}
   utils.write_json(path, out)
+  with open(path[:-5] + ".md", "w") as f:  # the RESULTS.md table, drawn from `out`
+    f.write(table(setup, cfg, out) + "\n")
   if cfg["quick"]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))

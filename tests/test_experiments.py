@@ -485,6 +485,16 @@ def test_protocol_quick():
   assert os.path.getsize(os.path.join(REPO, "runs", "quick", "protocol_fortunes.png")) > 10_000
   drawn = {f for m in res["methods"].values() for f in m["selection"]["runs"] + m["runs"]}
   assert res["plot"]["curves"] == len(drawn) >= 5
+  with open(os.path.join(REPO, "runs", "quick", "protocol_fortunes.md")) as f:
+    rows = f.read().splitlines()[2:]  # the RESULTS.md table, drawn from the JSON
+  assert [r.split("|")[1].strip() for r in rows] == ["probe", "lora", "full"]  # no doubling
+  lora = res["methods"]["lora"]
+  cells = [c.strip() for c in rows[1].split("|")[1:-1]]
+  chosen = f"**{lora['selection']['lr']:.0e}".replace("e-0", "e-")
+  assert cells[3].count("**") == 2 and chosen in cells[3], cells
+  assert cells[5] == f"**{100 * lora['mean']:.2f} ± {100 * lora['std']:.2f}**"
+  p = lora["paired"]["full"]
+  assert cells[8].startswith(f"{100 * p['mean']:+.2f}; {p['ahead']} of 2 ahead"), cells
 
 
 def test_protocol_quick_on_moby_dick():
