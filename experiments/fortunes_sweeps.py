@@ -97,6 +97,7 @@ def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
   else:
     res = fortunes.train(task, cfg, seed, measure_memory=memory)
     if seed in (0, 1):
+      os.makedirs(CACHE, exist_ok=True)  # a LoRA or full run can be the first one cached
       np.savez(path[:-5] + ".npz", **_arrays(task, res["params"], cfg["method"]))
     res = {k: v for k, v in res.items() if k not in ("params", "test_logits")}
   res.update(wall_s=time.perf_counter() - t0, key=json.loads(key))

@@ -347,6 +347,23 @@ def test_fortunes_sweeps_quick():
   assert "redrew" in out and os.path.isfile(os.path.join(REPO, "runs", "quick", "rank.png"))
 
 
+@pytest.mark.standard_promotion  # the experiment's training code, as its scripts run it
+def test_fortunes_sweeps_cache_starts_from_nothing(tmp_path, monkeypatch):
+  """On a fresh clone the first cached run may be a LoRA seed-0 run, which keeps its A
+  beside its JSON (``--sections=matrices`` starts with one)."""
+  from experiments import config as config_lib
+  from experiments import fortunes_sweeps
+
+  monkeypatch.setattr(fortunes_sweeps, "CACHE", str(tmp_path / "runs" / "sweeps"))
+  sweep = config_lib.load(["--quick", "--rates=config"], default="minilm_fortunes",
+                          own=fortunes_sweeps.OWN, own_quick=fortunes_sweeps.QUICK,
+                          over=fortunes_sweeps.OVER, fixed=True, usage="")
+  res = fortunes_sweeps.cached_run(fortunes_sweeps.run_cfg(sweep), 0)
+  saved = sorted(os.listdir(tmp_path / "runs" / "sweeps"))
+  assert [os.path.splitext(f)[1] for f in saved] == [".json", ".npz"], saved
+  assert fortunes_sweeps.cached_run(fortunes_sweeps.run_cfg(sweep), 0) == res  # from the cache
+
+
 def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   proc = _run("experiments.fortunes_sweeps", "--rates=tuned", timeout=120)
   assert proc.returncode == 2 and "--rates: 'tuned'; valid: 'protocol', 'config'" in proc.stderr
