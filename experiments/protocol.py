@@ -333,6 +333,8 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
         verdict = (f"in-run: {'converged' if check['converged'] else '**not** converged'} "
                    f"(best at {check['best_val_step']})"
                    + ("; not doubled" if doublings_of(cfg, method) == 0 else ""))
+      if s["edge"]:
+        verdict += "; chosen rate at the grid's edge"
       grid = ", ".join((f"**{_rate(lr)}: {setup.show(v)}**" if chosen and lr == s["lr"] else
                         f"{_rate(lr)}: {setup.show(v)}") for lr, v in zip(s["grid"], s[val]))
       trainable = f"{e['trainable_params']:,}" if "trainable_params" in e else ""
@@ -345,7 +347,8 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
         for ref in refs:
           p = e.get("paired", {}).get(ref)
           cells.append("–" if p is None else
-                       f"{scale * p['mean']:+.2f}; {p['ahead']} of {len(p['seeds'])} ahead"
+                       f"{scale * p['mean']:+.2f}; ahead {p['ahead']}, behind {p['behind']} "
+                       f"of {len(p['seeds'])}"
                        + (f", p = {p['p']:.3f}" if p["p"] is not None else ""))
       else:
         cells += [""] * (2 + len(refs))

@@ -511,7 +511,8 @@ def test_protocol_quick():
   assert cells[3].count("**") == 2 and chosen in cells[3], cells
   assert cells[5] == f"**{100 * lora['mean']:.2f} ± {100 * lora['std']:.2f}**"
   p = lora["paired"]["full"]
-  assert cells[8].startswith(f"{100 * p['mean']:+.2f}; {p['ahead']} of 2 ahead"), cells
+  assert cells[8].startswith(f"{100 * p['mean']:+.2f}; ahead {p['ahead']}, behind "
+                             f"{p['behind']} of 2"), cells
 
 
 def test_protocol_quick_on_moby_dick():
