@@ -328,7 +328,7 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
       if check["rule"] == "doubling":
         longer = tried[i + 1][budget] if i + 1 < len(tried) else 2 * s[budget]
         verdict = (f"{'enough' if check['converged'] else 'not enough'}: {longer} gained "
-                   f"{100 * check['doubling_gain']:+.2f}")
+                   f"{100 * check['doubling_gain']:+.2f}{'' if scale == 100 else '%'}")
       else:
         verdict = (f"in-run: {'converged' if check['converged'] else '**not** converged'} "
                    f"(best at {check['best_val_step']})"
@@ -491,8 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out["plot"] = {"file": os.path.basename(path[:-5] + ".png"),
                  "curves": plot(setup, out, path[:-5] + ".png")}
   utils.write_json(path, out)
-  with open(path[:-5] + ".md", "w") as f:  # the RESULTS.md table, drawn from `out`
+  with open(path[:-5] + ".md.tmp", "w") as f:  # the RESULTS.md table, drawn from `out`
     f.write(table(setup, cfg, out) + "\n")
+  os.replace(path[:-5] + ".md.tmp", path[:-5] + ".md")
   if cfg["quick"]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))
