@@ -491,9 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out["plot"] = {"file": os.path.basename(path[:-5] + ".png"),
                  "curves": plot(setup, out, path[:-5] + ".png")}
   utils.write_json(path, out)
-  with open(path[:-5] + ".md.tmp", "w") as f:  # the RESULTS.md table, drawn from `out`
-    f.write(table(setup, cfg, out) + "\n")
-  os.replace(path[:-5] + ".md.tmp", path[:-5] + ".md")
+  utils.write_text(path[:-5] + ".md", table(setup, cfg, out) + "\n")  # RESULTS.md's table
   if cfg["quick"]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))

@@ -128,17 +128,21 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
                    + [line(r) for r in rows])
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON, creating the directory.
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path``, creating the directory.
 
   Written to a temporary file and renamed, so an interrupted run never
   leaves a truncated file (the run caches treat an existing file as done).
   """
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2, default=_jsonable)
-    f.write("\n")
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON (`write_text`: beside, then renamed)."""
+  write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(x: Any) -> Any:
