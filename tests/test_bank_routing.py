@@ -50,17 +50,19 @@ def run(path, fn, *args):
 
 # The grouped path's branches: with 4 examples over 4 adapters its capacities are
 # 1 and 2 slots an adapter here; [3, 0, 2, 1] fits 1, [3, 0, 3, 1] needs 2, and
-# [3, 3, 3, 1] overflows both and takes the gather.
-@pytest.mark.parametrize("k_adapters,fuse,index", (
-    (1, False, [0, 0, 0, 0]), (4, False, [3, 0, 3, 1]), (4, True, [3, 0, 3, 1]),
-    (4, False, [3, 0, 2, 1]), (4, False, [3, 3, 3, 1])))
+# [3, 3, 3, 1] overflows both and takes the gather; the same with one row an example
+# (decode).
+@pytest.mark.parametrize("k_adapters,fuse,index,rows", (
+    (1, False, [0, 0, 0, 0], 3), (4, False, [3, 0, 3, 1], 3), (4, True, [3, 0, 3, 1], 3),
+    (4, False, [3, 0, 2, 1], 3), (4, False, [3, 3, 3, 1], 3), (4, False, [3, 0, 2, 1], 1),
+    (4, False, [3, 0, 3, 1], 1)))
 def test_paths_agree_with_each_example_merged_values_and_gradients(k_adapters, fuse, index,
-                                                                   monkeypatch):
+                                                                   rows, monkeypatch):
   monkeypatch.setattr(bank_lib, "FUSE_ONEHOT", fuse)  # one-hot in the shared-input fusion
   monkeypatch.setattr(routing_lib, "GROUPED_CAPACITIES", (1, 2))
   ts = trees(k_adapters)
   bank = jlora.stack_adapters(ts)
-  x = jax.random.normal(jax.random.key(1), (4, 3, 6))
+  x = jax.random.normal(jax.random.key(1), (4, rows, 6))
   index = jnp.asarray(index, jnp.int32)
   fn = jlora.lora(model_fn)
   merged = [jax.jit(jlora.merge)(t) for t in ts]
