@@ -531,8 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[{name}]", flush=True)
     md += SECTIONS[name](sweep, out)
     out["wall_s"] = time.perf_counter() - t0
-    with open(results[:-5] + ".md", "w") as f:
-      f.write("\n".join(md))
+    utils.write_text(results[:-5] + ".md", "\n".join(md))
     utils.write_json(results, out)
   print("\n".join(md))
   return out
