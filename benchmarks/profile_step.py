@@ -1,4 +1,4 @@
-"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR] [--peak]
+"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR] [--peak] [--loss standard|explicit]
 
 Per-op wall time of the reference train steps on XLA:CPU. Each step is
 compiled, run under ``jax.profiler.trace`` (XLA:CPU records one event per
@@ -21,6 +21,11 @@ shape, arguments left out, next to ``memory_analysis().temp_size_in_bytes``;
 ``two_dots`` adds the jlora step with the adapted dot in its form before
 issue 14 (`benchmarks.prototypes.two_dots`). Written to
 ``benchmarks/results/peak_<targets>.json`` (``--json PATH`` elsewhere).
+
+``--loss explicit``: every step minimises `benchmarks.model.next_token_loss_explicit`
+(the same cross-entropy, its backward written out) instead of the standard
+``log_softmax`` + ``take_along_axis``, to separate the loss's buffers from
+the model's.
 """
 
 from __future__ import annotations
@@ -175,14 +180,14 @@ def peak_report(a, argv):
   import optax
   from benchmarks import prototypes
   from benchmarks import reference as R
-  from benchmarks.model import QUICK, Config
+  from benchmarks.model import LOSSES, QUICK, Config
   from experiments.utils import provenance
   prov = provenance()
   prov["command"] = shlex.join(["python", "-m", "benchmarks.profile_step", *argv])
   prov["versions"]["python"] = prov["python"]
   cfg = QUICK if a.quick else Config()
   s = R.build(cfg, R.TARGETS[a.targets])
-  steps = R.train_steps(s, optax.adam(1e-3))
+  steps = R.train_steps(s, optax.adam(1e-3), loss=LOSSES[a.loss])
   out = {}
   for name in a.steps.split(","):
     before = set(glob.glob(f"{a.dump}/*live-range.txt"))
@@ -199,7 +204,7 @@ def peak_report(a, argv):
   if path:
     with open(path, "w") as f:
       json.dump({**prov, "config": cfg.__dict__, "targets": R.TARGETS[a.targets],
-                 "steps": out}, f, indent=1)
+                 "loss": a.loss, "steps": out}, f, indent=1)
       f.write("\n")
     print(f"\n# wrote {os.path.relpath(path)}")
 
@@ -214,6 +219,8 @@ def main(argv=None):
   p.add_argument("--peak", action="store_true",
                  help="the buffers live at each step's memory peak, by shape (no timing)")
   p.add_argument("--json", default=None, help="with --peak: write here")
+  p.add_argument("--loss", choices=("standard", "explicit"), default="standard",
+                 help="the steps' cross-entropy (explicit: its backward written out)")
   argv = sys.argv[1:] if argv is None else list(argv)
   a = p.parse_args(argv)
   if a.peak:
@@ -228,10 +235,10 @@ def main(argv=None):
   import jax
   import optax
   from benchmarks import reference as R
-  from benchmarks.model import QUICK, Config
+  from benchmarks.model import LOSSES, QUICK, Config
   cfg = QUICK if a.quick else Config()
   s = R.build(cfg, R.TARGETS[a.targets])
-  steps = R.train_steps(s, optax.adam(1e-3))
+  steps = R.train_steps(s, optax.adam(1e-3), loss=LOSSES[a.loss])
   print(f"# per-op profile, jax {jax.__version__}, load {os.getloadavg()[0]:.2f}, {cfg}")
   for name in a.steps.split(","):
     fn, args = steps[name]

@@ -107,35 +107,35 @@ def build(cfg: Config, targets: tuple[str, ...]) -> Setup:
   return Setup(cfg, model, tokens, params, lorified, adapters, frozen, targets)
 
 
-def train_steps(s: Setup, tx: optax.GradientTransformation):
-  """``{name: (fn, args)}`` for the three train steps."""
+def train_steps(s: Setup, tx: optax.GradientTransformation, *, loss=next_token_loss):
+  """``{name: (fn, args)}`` for the train steps, each minimising ``loss(logits, tokens)``."""
   apply = s.model.apply
   lora_apply = jlora.lora(apply)
   unfused_apply = jlora.lora(apply, fuse=False)
 
   def full(params, opt_state, tokens):
-    loss, g = jax.value_and_grad(lambda p: next_token_loss(apply(p, tokens), tokens))(params)
+    value, g = jax.value_and_grad(lambda p: loss(apply(p, tokens), tokens))(params)
     updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, value
 
   def adapter_step(loss_fn):
     def step(adapters, opt_state, frozen, tokens):
-      loss, g = jax.value_and_grad(loss_fn)(adapters, frozen, tokens)
+      value, g = jax.value_and_grad(loss_fn)(adapters, frozen, tokens)
       updates, opt_state = tx.update(g, opt_state, adapters)
-      return optax.apply_updates(adapters, updates), opt_state, loss
+      return optax.apply_updates(adapters, updates), opt_state, value
     return step
 
   def jlora_loss(adapters, frozen, tokens):
     logits = lora_apply(jlora.combine(adapters, frozen), tokens)
-    return next_token_loss(logits, tokens)
+    return loss(logits, tokens)
 
   def unfused_loss(adapters, frozen, tokens):
     logits = unfused_apply(jlora.combine(adapters, frozen), tokens)
-    return next_token_loss(logits, tokens)
+    return loss(logits, tokens)
 
   def naive_loss(adapters, frozen, tokens):
     logits = apply(jlora.merge(jlora.combine(adapters, frozen)), tokens)
-    return next_token_loss(logits, tokens)
+    return loss(logits, tokens)
 
   lora_state = tx.init(s.adapters)
   return {

@@ -31,3 +31,29 @@ def test_decode_benchmark_quick(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--paths", "ragged"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "--paths: unknown ['ragged']" in bad.stderr
+
+
+def test_explicit_loss_equals_the_standard_one_in_value_and_gradient():
+  """``--loss explicit`` profiles the same cross-entropy: value and gradient match."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import model
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 7))
+  tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+  want, want_grad = jax.value_and_grad(model.next_token_loss)(logits, tokens)
+  got, grad = jax.value_and_grad(model.next_token_loss_explicit)(logits, tokens)
+  assert jnp.allclose(got, want, rtol=1e-6) and jnp.allclose(grad, want_grad, atol=1e-7)
+  assert not jnp.any(grad[:, -1])  # the last position predicts nothing
+
+
+def test_profile_step_peak_quick_with_either_loss(tmp_path):
+  for loss in ("standard", "explicit"):
+    path = tmp_path / f"peak_{loss}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_step", "--quick", "--peak", "--loss", loss,
+         f"--json={path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(path.read_text())
+    assert out["loss"] == loss and set(out["steps"]) == {"full", "jlora"}
+    assert all(s["temp"] > 0 and s["by_shape"] for s in out["steps"].values())
