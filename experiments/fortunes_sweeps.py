@@ -21,14 +21,18 @@ fine-tuning (``--rates=config`` keeps ``lr`` and ``full_lr``), beside the sweep'
 (``OWN``; ``--help`` lists them all), then the command line. Each finished
 run is cached under ``runs/sweeps`` (keyed by its settings), so an
 interrupted sweep resumes and sections share runs (the rank sweep's r=8
-seed-0 run is the comparison's LoRA seed-0 run). Writes
-``experiments/results/fortunes_sweeps.{md,json}`` and PNG plots there
+seed-0 run is the comparison's LoRA seed-0 run); a run that a committed
+``experiments/results/fortunes_sweeps*.json`` records with the same settings
+is reused from there (`recorded`), so a sweep extends on a fresh clone. Writes
+``experiments/results/fortunes_sweeps[-SECTIONS].{md,json}`` and PNG plots there
 (``--quick``: under ``runs/quick``). ``--plot`` only redraws compare.png,
 rank.png and matrices.png from that JSON, with no training.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -65,6 +69,7 @@ QUICK = dict(seeds=1, sweep_seeds=2, rank=2, ranks=(1, 2), budget_rank=2,
              matrices=("query+value",), structure_ranks=(1, 2), steps=3, eval_every=3,
              train_size=128, test_size=64)
 CACHE = os.path.join(REPO_ROOT, "runs", "sweeps")
+RECORDS = utils.RESULTS_DIR  # the committed results, whose runs are reused (`recorded`)
 _RUN_KEYS = ("method", "rank", "alpha", "targets", "head", "lr", "full_lr", "head_lr", "warmup",
              "steps", "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
              "val_size", "train_size", "test_size", "probe_steps")
@@ -84,12 +89,16 @@ def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
 
   Seed-0 and seed-1 runs keep A (LoRA) or ΔW (full) on disk; ``arrays`` requires them.
   """
-  key = json.dumps({k: cfg[k] for k in _RUN_KEYS} | {"seed": seed}, sort_keys=True, default=list)
-  name = f"{cfg['method']}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-  path = os.path.join(CACHE, name + ".json")
+  key = run_key({k: cfg[k] for k in _RUN_KEYS} | {"seed": seed})
+  path = os.path.join(CACHE, _name(key) + ".json")
   if os.path.isfile(path) and (not arrays or os.path.isfile(path[:-5] + ".npz")):
     with open(path) as f:
       return json.load(f)
+  if not arrays and key in recorded(RECORDS):
+    res = recorded(RECORDS)[key]
+    print(f"  {cfg['method']:<5} {_label(cfg):<28} seed {seed}: test acc {res['test_acc']:.4f} "
+          f"(recorded in {res['recorded_in']})", flush=True)
+    return res
   task = fortunes.task_from(cfg)
   t0 = time.perf_counter()
   if cfg["method"] == "probe":
@@ -102,10 +111,47 @@ def cached_run(cfg: dict[str, Any], seed: int, *, memory: bool = False,
     res = {k: v for k, v in res.items() if k not in ("params", "test_logits")}
   res.update(wall_s=time.perf_counter() - t0, key=json.loads(key))
   utils.write_json(path, res)
-  label = f"r={cfg['rank']} {'+'.join(cfg['targets'])}" if cfg["method"] == "lora" else ""
-  print(f"  {cfg['method']:<5} {label:<28} seed {seed}: test acc {res['test_acc']:.4f} "
+  print(f"  {cfg['method']:<5} {_label(cfg):<28} seed {seed}: test acc {res['test_acc']:.4f} "
         f"({res['wall_s']:.0f} s)", flush=True)
   return res
+
+
+def run_key(settings: dict[str, Any]) -> str:
+  """A run's identity: its settings (`_RUN_KEYS` and the seed) as canonical JSON."""
+  return json.dumps(settings, sort_keys=True, default=list)
+
+
+def _name(key: str) -> str:
+  settings = json.loads(key)
+  return (f"{settings['method']}-s{settings['seed']}-"
+          f"{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+
+
+def _label(cfg: dict[str, Any]) -> str:
+  return f"r={cfg['rank']} {'+'.join(cfg['targets'])}" if cfg["method"] == "lora" else ""
+
+
+@functools.cache
+def recorded(folder: str) -> dict[str, dict[str, Any]]:
+  """The runs that the ``fortunes_sweeps*.json`` of ``folder`` record, by `run_key`.
+
+  A run with the same settings and seed as a recorded one is that run: a sweep
+  reuses it (``recorded_in`` names the file; its date and machine are that
+  file's ``provenance``) instead of training it again, so that a sweep can be
+  extended on a machine whose ``runs/sweeps`` is empty. Runs whose arrays are
+  needed (``structure``) are trained, as the JSON does not keep them.
+  """
+  found = {}
+  for path in sorted(glob.glob(os.path.join(folder, "fortunes_sweeps*.json"))):
+    with open(path) as f:
+      out = json.load(f)
+    where = os.path.relpath(path, REPO_ROOT)
+    for section in ("compare", "rank", "matrices"):
+      for rs in out.get(section, {}).values():
+        for r in rs:
+          if "key" in r:
+            found.setdefault(run_key(r["key"]), dict(r, recorded_in=r.get("recorded_in", where)))
+  return found
 
 
 def _arrays(task, params, method: str) -> dict[str, np.ndarray]:
@@ -123,9 +169,7 @@ def _arrays(task, params, method: str) -> dict[str, np.ndarray]:
 
 
 def _npz(res: dict[str, Any]) -> dict[str, np.ndarray]:
-  key = json.dumps(res["key"], sort_keys=True, default=list)
-  name = f"{res['method']}-s{res['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-  with np.load(os.path.join(CACHE, name + ".npz")) as f:
+  with np.load(os.path.join(CACHE, _name(run_key(res["key"])) + ".npz")) as f:
     return dict(f)
 
 
@@ -134,7 +178,7 @@ def _npz(res: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
   runs = {m: [cached_run(run_cfg(sweep, method=m), s, memory=m != "probe",
-                         arrays=m == "full" and s == 0)
+                         arrays=m == "full" and s == 0 and "structure" in sweep["sections"])
               for s in range(sweep["seeds"])] for m in ("probe", "lora", "full")}
   out["compare"] = runs
   names = _compare_names(sweep["rank"])
@@ -157,7 +201,8 @@ def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
 
 
 def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
-  runs = {r: [cached_run(run_cfg(sweep, rank=r), s, arrays=s == 0 and r in sweep["structure_ranks"])
+  structure_ranks = sweep["structure_ranks"] if "structure" in sweep["sections"] else ()
+  runs = {r: [cached_run(run_cfg(sweep, rank=r), s, arrays=s == 0 and r in structure_ranks)
               for s in range(sweep["sweep_seeds"])] for r in sweep["ranks"]}
   out["rank"] = runs
   out["rank_paired"] = vs = _paired(runs, sweep["rank"])

@@ -364,6 +364,39 @@ def test_fortunes_sweeps_cache_starts_from_nothing(tmp_path, monkeypatch):
   assert fortunes_sweeps.cached_run(fortunes_sweeps.run_cfg(sweep), 0) == res  # from the cache
 
 
+def test_fortunes_sweeps_reuse_the_runs_that_committed_results_record(tmp_path, monkeypatch):
+  """A fresh clone's empty cache: a run that a results JSON records is taken from it, not
+  trained; one it lacks, or whose arrays are needed, is trained."""
+  from experiments import config as config_lib
+  from experiments import fortunes, fortunes_sweeps
+
+  sweep = config_lib.load(["--quick", "--rates=config"], default="minilm_fortunes",
+                          own=fortunes_sweeps.OWN, own_quick=fortunes_sweeps.QUICK,
+                          over=fortunes_sweeps.OVER, fixed=True, usage="")
+  cfg = fortunes_sweeps.run_cfg(sweep, rank=2)
+  settings = {k: cfg[k] for k in fortunes_sweeps._RUN_KEYS} | {"seed": 1}
+  run = {"method": "lora", "seed": 1, "rank": 2, "test_acc": 0.625, "key": settings}
+  (tmp_path / "fortunes_sweeps-rank.json").write_text(json.dumps({"rank": {"2": [run]}}))
+  monkeypatch.setattr(fortunes_sweeps, "RECORDS", str(tmp_path))
+  monkeypatch.setattr(fortunes_sweeps, "CACHE", str(tmp_path / "empty"))
+  trained = []
+
+  def train(task, cfg, seed, **kw):
+    trained.append((cfg["rank"], seed))
+    raise RuntimeError("trained")
+
+  monkeypatch.setattr(fortunes, "task_from", lambda cfg: None)
+  monkeypatch.setattr(fortunes, "train", train)
+  got = fortunes_sweeps.cached_run(cfg, 1)
+  assert {k: got[k] for k in run} == json.loads(json.dumps(run))
+  assert got["recorded_in"].endswith("fortunes_sweeps-rank.json")
+  assert trained == []
+  for seed, arrays in ((0, False), (1, True)):  # not recorded; recorded without its arrays
+    with pytest.raises(RuntimeError, match="trained"):
+      fortunes_sweeps.cached_run(cfg, seed, arrays=arrays)
+  assert trained == [(2, 0), (2, 1)]
+
+
 def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
   proc = _run("experiments.fortunes_sweeps", "--rates=tuned", timeout=120)
   assert proc.returncode == 2 and "--rates: 'tuned'; valid: 'protocol', 'config'" in proc.stderr
