@@ -277,9 +277,7 @@ def main(argv=None):
                     "onehot_max_width": routing_lib.ONEHOT_MAX_WIDTH,
                     "grouped_capacities": list(routing_lib.GROUPED_CAPACITIES)},
          "results": results, "peft": peft}
-  os.makedirs(os.path.dirname(args.json), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(out, f, indent=1)
+  utils.write_json(args.json, out)
   print("wrote", args.json)
   return out
 

@@ -121,10 +121,9 @@ def main(argv=None) -> dict:
   print(json.dumps({k: v for k, v in result.items() if k != "times_s"}, indent=2))
   path = args.json or (None if args.quick else os.path.join(RESULTS, "mixed_batch.json"))
   if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
+    from experiments.utils import write_json
+
+    write_json(os.path.abspath(path), result)
     print(f"# wrote {os.path.relpath(path)}")
   return result
 

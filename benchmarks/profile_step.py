@@ -181,7 +181,7 @@ def peak_report(a, argv):
   from benchmarks import prototypes
   from benchmarks import reference as R
   from benchmarks.model import LOSSES, QUICK, Config
-  from experiments.utils import provenance
+  from experiments.utils import provenance, write_json
   prov = provenance()
   prov["command"] = shlex.join(["python", "-m", "benchmarks.profile_step", *argv])
   prov["versions"]["python"] = prov["python"]
@@ -202,10 +202,9 @@ def peak_report(a, argv):
       print(f"  {shp:22s} {row['count']:4d} x  {row['bytes'] / 2**20:8.2f} MiB")
   path = a.json or (None if a.quick else os.path.join(R.RESULTS, f"peak_{a.targets}.json"))
   if path:
-    with open(path, "w") as f:
-      json.dump({**prov, "config": cfg.__dict__, "targets": R.TARGETS[a.targets],
-                 "loss": a.loss, "steps": out}, f, indent=1)
-      f.write("\n")
+    write_json(os.path.abspath(path), {**prov, "config": cfg.__dict__,
+                                       "targets": R.TARGETS[a.targets], "loss": a.loss,
+                                       "steps": out})
     print(f"\n# wrote {os.path.relpath(path)}")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import statistics
@@ -122,10 +121,9 @@ def main(argv=None):
            "load_before_timing": list(load_before), "load_after_timing": list(load_after),
            "config": cfg.__dict__, "targets": R.TARGETS[args.targets], "rounds": rounds,
            "forward_rounds": 3 * rounds, "variants": rows, "times_s": times}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(out, f, indent=1)
-      f.write("\n")
+    from experiments.utils import write_json
+
+    write_json(os.path.abspath(path), out)
     print(f"\n# wrote {os.path.relpath(path)}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -151,9 +150,9 @@ def main(argv=None):
                         "cpus": os.cpu_count()},
            "stats": stats, "times": times, "median": med, "two_largest_weights": two_largest,
            "summary": lines}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    from experiments.utils import write_json
+
+    write_json(os.path.abspath(args.json), out)
 
 
 if __name__ == "__main__":

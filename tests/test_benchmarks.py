@@ -57,3 +57,26 @@ def test_profile_step_peak_quick_with_either_loss(tmp_path):
     out = json.loads(path.read_text())
     assert out["loss"] == loss and set(out["steps"]) == {"full", "jlora"}
     assert all(s["temp"] > 0 and s["by_shape"] for s in out["steps"].values())
+
+
+def test_reference_benchmark_measures_the_donated_steps_memory(tmp_path):
+  """The train steps' memory as a training loop compiles them (state donated), beside the
+  undonated one: a donated step writes its new state into its inputs' buffers."""
+  path = tmp_path / "reference.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.reference", "--quick", "--no-time",
+                         f"--json={path}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(path.read_text())
+  for name in ("full", "jlora"):
+    donated, plain = out["donated"][name], out["stats"][name]
+    assert donated["donated"] == [0, 1] and plain["donated"] == []
+    assert plain["alias"] == 0  # all but the loss and a few bytes of output go in place:
+    assert 0.99 * donated["output"] < donated["alias"] <= donated["output"]
+    assert donated["footprint"] == (donated["argument"] + donated["output"] + donated["temp"]
+                                    - donated["alias"])
+    assert donated["flops"] == plain["flops"]
+  measures = {c["measure"].split(",")[0] + ("/donated" if "donated (" in c["measure"] else "")
+              for c in out["checks"]}
+  assert "train-step temporaries jlora / full/donated" in measures
+  assert "train-step footprint jlora / full" in measures
