@@ -196,8 +196,8 @@ def compare(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
           f"{sweep['seeds']} seeds (head init, adapter init, batch order); test accuracy % as "
           "mean ± sample std; step time as median over steps 2.., mean ± std over seeds.\n",
           utils.table(["method", "test acc %", "trainable params", "of total", "step time",
-                       "optimizer state", "step peak mem (XLA)"], rows),
-          "", "![compare](compare.png)", ""]
+                       "optimizer state", "step peak mem (XLA)"], rows), "",
+          *_reused(runs, lambda m: names[m]), "![compare](compare.png)", ""]
 
 
 def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
@@ -215,8 +215,8 @@ def rank(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
           f"fixes alpha); trainable = adapters + head; paired = this rank minus r={sweep['rank']} "
           "on the same seeds (points; two-sided paired t-test).\n",
           utils.table(["rank", "trainable params", "test acc %", f"paired vs r={sweep['rank']}",
-                       "step time"], rows),
-          "", "![rank](rank.png)", ""]
+                       "step time"], rows), "",
+          *_reused(runs, lambda r: f"r={r}"), "![rank](rank.png)", ""]
 
 
 def matrices(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
@@ -239,8 +239,22 @@ def matrices(sweep: dict[str, Any], out: dict[str, Any]) -> list[str]:
           "adapter parameters), alpha 16; paired = this setting minus Wq+Wv on the same seeds "
           "(points; two-sided paired t-test).\n",
           utils.table(["weights", "rank", "trainable params", "test acc %", "paired vs Wq+Wv"],
-                      rows),
-          "", "![matrices](matrices.png)", ""]
+                      rows), "",
+          *_reused(runs, _weights_name), "![matrices](matrices.png)", ""]
+
+
+def _reused(runs: dict, label) -> list[str]:
+  """A line naming the runs taken from committed results (`recorded`), if any: their
+  step times come from that file's machine and load, not this run's."""
+  by_file: dict[str, dict[str, list[int]]] = {}
+  for k, rs in runs.items():
+    for r in rs:
+      if "recorded_in" in r:
+        by_file.setdefault(r["recorded_in"], {}).setdefault(label(k), []).append(r["seed"])
+  return [f"Reused from `{f}` (same settings and seeds; step times are that file's): "
+          + ", ".join(f"{name} (seeds {', '.join(map(str, seeds))})"
+                      for name, seeds in found.items()) + ".\n"
+          for f, found in by_file.items()]
 
 
 def _paired(runs: dict, ref) -> dict:

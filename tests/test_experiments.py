@@ -390,6 +390,8 @@ def test_fortunes_sweeps_reuse_the_runs_that_committed_results_record(tmp_path, 
   got = fortunes_sweeps.cached_run(cfg, 1)
   assert {k: got[k] for k in run} == json.loads(json.dumps(run))
   assert got["recorded_in"].endswith("fortunes_sweeps-rank.json")
+  (note,) = fortunes_sweeps._reused({2: [got]}, lambda r: f"r={r}")  # said under the table
+  assert "fortunes_sweeps-rank.json" in note and "r=2 (seeds 1)" in note
   assert trained == []
   for seed, arrays in ((0, False), (1, True)):  # not recorded; recorded without its arrays
     with pytest.raises(RuntimeError, match="trained"):
