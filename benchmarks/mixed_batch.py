@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
   if path:
     from experiments.utils import write_json
 
-    write_json(os.path.abspath(path), result)
+    write_json(path, result)
     print(f"# wrote {os.path.relpath(path)}")
   return result
 

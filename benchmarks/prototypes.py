@@ -123,7 +123,7 @@ def main(argv=None):
            "forward_rounds": 3 * rounds, "variants": rows, "times_s": times}
     from experiments.utils import write_json
 
-    write_json(os.path.abspath(path), out)
+    write_json(path, out)
     print(f"\n# wrote {os.path.relpath(path)}")
 
 

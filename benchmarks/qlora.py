@@ -152,7 +152,7 @@ def main(argv=None):
            "summary": lines}
     from experiments.utils import write_json
 
-    write_json(os.path.abspath(args.json), out)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

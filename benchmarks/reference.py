@@ -427,11 +427,14 @@ def main(argv=None):
         f"{ideal['lora'] / 1e9:.2f} G, ratio {ideal['ratio']:.3f}")
 
   print("\n## Train-step memory, undonated and donated (parameters and optimizer state)\n")
-  rows = [[n, d, fmt_bytes(st["temp"]), f"{st['temp'] / ref['temp']:.3f}",
-           fmt_bytes(st["argument"]), fmt_bytes(st["output"]), fmt_bytes(st["alias"]),
-           fmt_bytes(st["footprint"]), f"{st['footprint'] / ref['footprint']:.3f}"]
-          for d, group in (("no", stats), ("yes", donated))
-          for n, st, ref in ((n, group[n], group["full"]) for n in ("full", "jlora"))]
+  rows = []
+  for d, group in (("no", stats), ("yes", donated)):
+    ref = group["full"]
+    for n in ("full", "jlora"):
+      st = group[n]
+      rows.append([n, d, fmt_bytes(st["temp"]), f"{st['temp'] / ref['temp']:.3f}",
+                   fmt_bytes(st["argument"]), fmt_bytes(st["output"]), fmt_bytes(st["alias"]),
+                   fmt_bytes(st["footprint"]), f"{st['footprint'] / ref['footprint']:.3f}"])
   print(table(rows, ["step", "donated", "temp", "x full", "args", "out", "aliased",
                      "footprint", "x full"]))
 
@@ -510,7 +513,7 @@ def main(argv=None):
     }
     from experiments.utils import write_json
 
-    write_json(os.path.abspath(path), out)
+    write_json(path, out)
     print(f"\n# wrote {os.path.relpath(path)}")
 
 

@@ -53,15 +53,19 @@ test metric, date, load and versions), keyed by its settings, so an
 interrupted protocol resumes and every number it reports is a committed
 file. The summary goes to ``experiments/results/protocol_fortunes.json``
 (``protocol_mobydick.json``) with the curves in a PNG of the same name and
-the table of `experiments/RESULTS.md` in a ``.md`` of the same name.
+the table of `experiments/RESULTS.md` in a ``.md`` of the same name
+(``--summary=NAME`` writes ``NAME.json`` etc. instead). A run that would
+overwrite a summary and lose a method it holds (one left out of
+``--methods``) stops before it trains, and says how to keep it.
 ``--quick``: a smoke run under ``runs/quick`` whose numbers mean nothing.
 
 Examples::
 
-  python -m experiments.protocol --methods=lora,full          # experiment 2's verdict
-  python -m experiments.protocol --methods=probe,lora,full,lora_all,ia3,dora,qlora
-  python -m experiments.protocol --methods=lora --select_only # the sweep alone
-  python -m experiments.protocol --config=smollm2_mobydick    # LoRA vs full on Moby Dick
+  python -m experiments.protocol --methods=probe,lora,full,lora_all,ia3,dora,qlora \
+      --doublings_for=full:2,lora:2,ia3:2,lora_all:1,dora:1   # experiment 2's verdict
+  python -m experiments.protocol --methods=lora --select_only --summary=protocol_lora_sweep
+  python -m experiments.protocol --config=smollm2_mobydick \
+      --doublings_for=lora:1,full:1                            # LoRA vs full on Moby Dick
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ OWN = {
     "drop": (0.05, "a doubled grid leaves out the rates above the selected one that "
              "scored more than this below it"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
+    "summary": ("", "the summary's file name, without .json (default protocol_fortunes or "
+                "protocol_mobydick)"),
 }
 QUICK_GRID = (1e-3, 1e-2)
 
@@ -464,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"{list(setup.grids)}")
   cfg["targets"] = tuple(cfg["targets"])
   finetune.validate(dict(cfg, method="lora"))  # before any data: targets, rank, ...
+  path = summary_path(setup, cfg)
   utils.setup_jax(cfg["compile_cache"])
   with utils.phase(f"loading the data of {setup.config}"):
     data = setup.data(cfg)
@@ -487,7 +494,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    trainable_params=rows[0]["trainable_params"])
     out["methods"][method] = entry
   lines = report(setup, cfg, out)
-  path = utils.out_path(cfg["quick"], f"protocol_{setup.name}.json")
   out["plot"] = {"file": os.path.basename(path[:-5] + ".png"),
                  "curves": plot(setup, out, path[:-5] + ".png")}
   utils.write_json(path, out)
@@ -496,6 +502,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))
   return out
+
+
+def summary_path(setup: Setup, cfg: dict[str, Any]) -> str:
+  """Where the summary goes; raises ``ConfigError`` before any training if writing it
+  would lose what the committed summary there holds: a method that ``--methods`` leaves
+  out, or, under ``--select_only``, a method's test results over seeds. (``--quick``
+  summaries are scratch and are overwritten.)"""
+  name = cfg["summary"] or f"protocol_{setup.name}"
+  if not name.replace("_", "").replace("-", "").isalnum():
+    raise config_lib.ConfigError(f"--summary={name!r}: give a file name without a folder or "
+                                 "extension, of letters, digits, '_' and '-'")
+  path = utils.out_path(cfg["quick"], f"{name}.json")
+  if cfg["quick"] or not os.path.exists(path):
+    return path
+  with open(path) as f:
+    held = json.load(f)["methods"]
+  test = f"test_{setup.metric}"
+  lost = [f"{m} (not in --methods)" for m in held if m not in cfg["methods"]]
+  if cfg["select_only"]:
+    lost += [f"{m}'s {test} over seeds (--select_only)" for m in cfg["methods"]
+             if test in held.get(m, {})]
+  if lost:
+    raise config_lib.ConfigError(
+        f"{os.path.relpath(path, REPO_ROOT)} holds what this run would overwrite: "
+        f"{', '.join(lost)}. Run every method it holds (--methods={','.join(held)}; their "
+        "recorded runs are reused, not trained again), or write elsewhere with "
+        "--summary=NAME")
+  return path
 
 
 def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:

@@ -484,12 +484,36 @@ def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
       ("--config=minilm",): "--config=minilm",
       ("--doublings_for=lora:2,bogus:1,full:x",):
           "--doublings_for: 'bogus:1' (unknown method 'bogus'), 'full:x' (N must be an integer",
-      ("--doublings_for=lora:2,full:1,lora:0",): "--doublings_for: 'lora' given 2 times"}
+      ("--doublings_for=lora:2,full:1,lora:0",): "--doublings_for: 'lora' given 2 times",
+      ("--methods=lora",): "protocol_fortunes.json holds what this run would overwrite: "
+                           "probe (not in --methods), full (not in --methods)",
+      ("--config=smollm2_mobydick", "--methods=lora", "--select_only"):
+          "full (not in --methods), lora's test_ppl over seeds (--select_only). Run every "
+          "method it holds (--methods=lora,full",
+      ("--summary=../elsewhere",): "--summary='../elsewhere': give a file name"}
   for args, message in expected.items():
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
     assert "Traceback" not in proc.stderr and "loading" not in proc.stdout, args
     assert message in proc.stderr, (args, proc.stderr)
+
+
+def test_protocol_summary_goes_elsewhere_when_asked(tmp_path, monkeypatch):
+  """``--summary=NAME`` writes beside the committed summary; a summary whose methods all
+  run again is overwritten."""
+  from experiments import protocol, utils
+  monkeypatch.setattr(utils, "RESULTS_DIR", str(tmp_path))
+  setup, cfg = protocol.SETUPS["smollm2_mobydick"], {
+      "summary": "", "quick": False, "methods": ("lora",), "select_only": False}
+  assert protocol.summary_path(setup, cfg) == str(tmp_path / "protocol_mobydick.json")
+  (tmp_path / "protocol_mobydick.json").write_text(json.dumps(
+      {"methods": {"lora": {"test_ppl": {"0": 70.0}}, "full": {}}}))
+  with pytest.raises(config.ConfigError, match=r"full \(not in --methods\)\. Run every"):
+    protocol.summary_path(setup, cfg)
+  assert protocol.summary_path(setup, dict(cfg, methods=("full", "lora"))).endswith(
+      "protocol_mobydick.json")
+  assert protocol.summary_path(setup, dict(cfg, summary="protocol_mobydick_lora80")) == str(
+      tmp_path / "protocol_mobydick_lora80.json")
 
 
 def test_data_parallel_takes_its_settings_like_every_script():
