@@ -202,9 +202,8 @@ def peak_report(a, argv):
       print(f"  {shp:22s} {row['count']:4d} x  {row['bytes'] / 2**20:8.2f} MiB")
   path = a.json or (None if a.quick else os.path.join(R.RESULTS, f"peak_{a.targets}.json"))
   if path:
-    write_json(path, {**prov, "config": cfg.__dict__,
-                                       "targets": R.TARGETS[a.targets], "loss": a.loss,
-                                       "steps": out})
+    write_json(path, {**prov, "config": cfg.__dict__, "targets": R.TARGETS[a.targets],
+                      "loss": a.loss, "steps": out})
     print(f"\n# wrote {os.path.relpath(path)}")
 
 

@@ -55,8 +55,9 @@ file. The summary goes to ``experiments/results/protocol_fortunes.json``
 (``protocol_mobydick.json``) with the curves in a PNG of the same name and
 the table of `experiments/RESULTS.md` in a ``.md`` of the same name
 (``--summary=NAME`` writes ``NAME.json`` etc. instead). A run that would
-overwrite a summary and lose a method it holds (one left out of
-``--methods``) stops before it trains, and says how to keep it.
+overwrite a summary and lose what it holds (a method left out of
+``--methods``, or under ``--select_only`` a method's seeds) stops before
+it trains, and says how to keep it.
 ``--quick``: a smoke run under ``runs/quick`` whose numbers mean nothing.
 
 Examples::
@@ -516,8 +517,13 @@ def summary_path(setup: Setup, cfg: dict[str, Any]) -> str:
   path = utils.out_path(cfg["quick"], f"{name}.json")
   if cfg["quick"] or not os.path.exists(path):
     return path
-  with open(path) as f:
-    held = json.load(f)["methods"]
+  try:
+    with open(path) as f:
+      held = dict(json.load(f)["methods"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise config_lib.ConfigError(
+        f"{os.path.relpath(path, REPO_ROOT)}: not a protocol summary ({type(e).__name__}: "
+        f"{e}); move it away, or write elsewhere with --summary=NAME") from None
   test = f"test_{setup.metric}"
   lost = [f"{m} (not in --methods)" for m in held if m not in cfg["methods"]]
   if cfg["select_only"]:

@@ -514,6 +514,10 @@ def test_protocol_summary_goes_elsewhere_when_asked(tmp_path, monkeypatch):
       "protocol_mobydick.json")
   assert protocol.summary_path(setup, dict(cfg, summary="protocol_mobydick_lora80")) == str(
       tmp_path / "protocol_mobydick_lora80.json")
+  (tmp_path / "protocol_mobydick.json").write_text('{"methods": {"lora": ')
+  with pytest.raises(config.ConfigError, match=r"protocol_mobydick.json: not a protocol "
+                     r"summary \(JSONDecodeError: .*--summary=NAME"):
+    protocol.summary_path(setup, dict(cfg, methods=("full", "lora")))
 
 
 def test_data_parallel_takes_its_settings_like_every_script():
