@@ -554,7 +554,9 @@ def protocol_rates(sweep: dict[str, Any]) -> dict[str, float]:
     raise config_lib.ConfigError(
         f"--rates=protocol: {path} has no rate selected at {sweep['steps']} steps for both "
         f"lora and full (budgets selected: {budgets}); run `python -m experiments.protocol "
-        "--methods=lora,full` first, pass one of those --steps, or pass --rates=config")
+        f"--methods={','.join(dict.fromkeys(['lora', 'full', *methods]))}` first (every method "
+        "the summary holds, or it refuses to overwrite it), pass one of those --steps, or "
+        "pass --rates=config")
   return chosen
 
 

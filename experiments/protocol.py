@@ -517,12 +517,13 @@ def summary_path(setup: Setup, cfg: dict[str, Any]) -> str:
   path = utils.out_path(cfg["quick"], f"{name}.json")
   if cfg["quick"] or not os.path.exists(path):
     return path
+  shown = os.path.relpath(path, REPO_ROOT)
   try:
     with open(path) as f:
       held = dict(json.load(f)["methods"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise config_lib.ConfigError(
-        f"{os.path.relpath(path, REPO_ROOT)}: not a protocol summary ({type(e).__name__}: "
+        f"{shown}: not a protocol summary ({type(e).__name__}: "
         f"{e}); move it away, or write elsewhere with --summary=NAME") from None
   test = f"test_{setup.metric}"
   lost = [f"{m} (not in --methods)" for m in held if m not in cfg["methods"]]
@@ -531,7 +532,7 @@ def summary_path(setup: Setup, cfg: dict[str, Any]) -> str:
              if test in held.get(m, {})]
   if lost:
     raise config_lib.ConfigError(
-        f"{os.path.relpath(path, REPO_ROOT)} holds what this run would overwrite: "
+        f"{shown} holds what this run would overwrite: "
         f"{', '.join(lost)}. Run every method it holds (--methods={','.join(held)}; their "
         "recorded runs are reused, not trained again), or write elsewhere with "
         "--summary=NAME")

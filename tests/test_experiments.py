@@ -414,7 +414,8 @@ def test_fortunes_sweeps_take_the_rates_selected_at_their_own_budget(tmp_path, m
 
   summary = {"methods": {
       "lora": {"selection": sel(300, 5e-4, True), "other_budgets": [sel(150, 5e-3, False)]},
-      "full": {"selection": sel(150, 1e-4, True), "other_budgets": [sel(300, 3e-5, False)]}}}
+      "full": {"selection": sel(150, 1e-4, True), "other_budgets": [sel(300, 3e-5, False)]},
+      "probe": {}}}
   (tmp_path / "experiments" / "results").mkdir(parents=True)
   (tmp_path / "experiments" / "results" / "protocol_fortunes.json").write_text(
       json.dumps(summary))
@@ -424,6 +425,9 @@ def test_fortunes_sweeps_take_the_rates_selected_at_their_own_budget(tmp_path, m
   assert fortunes_sweeps.protocol_rates(dict(sweep, steps=300)) == {"lr": 5e-4, "full_lr": 3e-5}
   with pytest.raises(config.ConfigError, match=r"no rate selected at 600 steps .*"
                      r"'lora': \[150, 300\]"):
+    fortunes_sweeps.protocol_rates(dict(sweep, steps=600))
+  with pytest.raises(config.ConfigError, match=r"--methods=lora,full,probe` first \(every "
+                     "method the summary holds"):  # the advice the protocol accepts
     fortunes_sweeps.protocol_rates(dict(sweep, steps=600))
 
 
