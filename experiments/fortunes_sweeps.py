@@ -539,7 +539,7 @@ def protocol_rates(sweep: dict[str, Any]) -> dict[str, float]:
     return {}
   if sweep["rates"] != "protocol":
     raise config_lib.ConfigError(f"--rates: {sweep['rates']!r}; valid: 'protocol', 'config'")
-  path = os.path.join(REPO_ROOT, "experiments", "results", "protocol_fortunes.json")
+  path = os.path.join(utils.RESULTS_DIR, "protocol_fortunes.json")
   methods = {}
   if os.path.isfile(path):
     with open(path) as f:
@@ -552,8 +552,9 @@ def protocol_rates(sweep: dict[str, Any]) -> dict[str, float]:
     chosen.update({key: s["lr"] for s in tried if s["steps"] == sweep["steps"]})
   if len(chosen) < 2:
     raise config_lib.ConfigError(
-        f"--rates=protocol: {path} has no rate selected at {sweep['steps']} steps for both "
-        f"lora and full (budgets selected: {budgets}); run `python -m experiments.protocol "
+        f"--rates=protocol: {os.path.relpath(path, REPO_ROOT)} has no rate selected at "
+        f"{sweep['steps']} steps for both lora and full (budgets selected: {budgets}); run "
+        "`python -m experiments.protocol "
         f"--methods={','.join(dict.fromkeys(['lora', 'full', *methods]))}` first (every method "
         "the summary holds, or it refuses to overwrite it), pass one of those --steps, or "
         "pass --rates=config")

@@ -407,7 +407,7 @@ def test_fortunes_sweeps_rates_come_from_the_protocol_or_fail_clearly():
 
 def test_fortunes_sweeps_take_the_rates_selected_at_their_own_budget(tmp_path, monkeypatch):
   """lora's final selection is at 300 steps; a 150-step sweep takes its 150-step rate."""
-  from experiments import fortunes_sweeps
+  from experiments import fortunes_sweeps, utils
 
   def sel(steps, lr, final):
     return {"steps": steps, "lr": lr, "final": final}
@@ -416,10 +416,8 @@ def test_fortunes_sweeps_take_the_rates_selected_at_their_own_budget(tmp_path, m
       "lora": {"selection": sel(300, 5e-4, True), "other_budgets": [sel(150, 5e-3, False)]},
       "full": {"selection": sel(150, 1e-4, True), "other_budgets": [sel(300, 3e-5, False)]},
       "probe": {}}}
-  (tmp_path / "experiments" / "results").mkdir(parents=True)
-  (tmp_path / "experiments" / "results" / "protocol_fortunes.json").write_text(
-      json.dumps(summary))
-  monkeypatch.setattr(fortunes_sweeps, "REPO_ROOT", str(tmp_path))
+  (tmp_path / "protocol_fortunes.json").write_text(json.dumps(summary))
+  monkeypatch.setattr(utils, "RESULTS_DIR", str(tmp_path))
   sweep = {"rates": "protocol", "quick": False, "steps": 150}
   assert fortunes_sweeps.protocol_rates(sweep) == {"lr": 5e-3, "full_lr": 1e-4}
   assert fortunes_sweeps.protocol_rates(dict(sweep, steps=300)) == {"lr": 5e-4, "full_lr": 3e-5}
