@@ -318,6 +318,26 @@ def _rate(lr: float) -> str:
   return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
+def verdict(setup: Setup, cfg: dict[str, Any], method: str, tried: list[dict[str, Any]],
+            i: int) -> str:
+  """The budget check of ``tried[i]`` (one method's selections, shortest budget first)
+  in words, as the table and the printed summary give it: what doubling the budget
+  gained, or, for the last budget, the in-run check alone."""
+  s, budget = tried[i], budget_of(method)
+  check = s["budget"]
+  if check["rule"] == "doubling":
+    longer = tried[i + 1][budget] if i + 1 < len(tried) else 2 * s[budget]
+    gain = 100 * check["doubling_gain"]
+    words = (f"{'enough' if check['converged'] else 'not enough'}: {longer} {budget} gained "
+             + (f"{gain:+.2f} points" if setup.metric == "acc" else
+                f"{gain:+.2f}% in -log perplexity"))
+  else:  # the last budget: nothing longer was run
+    words = (f"not doubled; in-run check only: "
+             f"{'flat over' if check['converged'] else 'still improving in'} its last third "
+             f"(best at step {check['best_val_step']})")
+  return words + ("; chosen rate at the grid's edge" if s["edge"] else "")
+
+
 def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
   """The summary as a markdown table, one row per (method, budget), chosen budget and
   rate in bold; test metric, seeds and paired differences on the chosen budget's row.
@@ -331,22 +351,12 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
     tried = sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget])
     for i, s in enumerate(tried):
       chosen = s is e["selection"]
-      check = s["budget"]
-      if check["rule"] == "doubling":
-        longer = tried[i + 1][budget] if i + 1 < len(tried) else 2 * s[budget]
-        verdict = (f"{'enough' if check['converged'] else 'not enough'}: {longer} gained "
-                   f"{100 * check['doubling_gain']:+.2f}{'' if scale == 100 else '%'}")
-      else:
-        verdict = (f"in-run: {'converged' if check['converged'] else '**not** converged'} "
-                   f"(best at {check['best_val_step']})"
-                   + ("; not doubled" if doublings_of(cfg, method) == 0 else ""))
-      if s["edge"]:
-        verdict += "; chosen rate at the grid's edge"
       grid = ", ".join((f"**{_rate(lr)}: {setup.show(v)}**" if chosen and lr == s["lr"] else
                         f"{_rate(lr)}: {setup.show(v)}") for lr, v in zip(s["grid"], s[val]))
       trainable = f"{e['trainable_params']:,}" if "trainable_params" in e else ""
       cells = [method if i == 0 else "", trainable if i == 0 else "",
-               f"**{s[budget]}**" if chosen else str(s[budget]), grid, verdict]
+               f"**{s[budget]}**" if chosen else str(s[budget]), grid,
+               verdict(setup, cfg, method, tried, i)]
       if chosen and test in e:
         values = list(e[test].values())
         cells += [f"**{utils.pm(values, scale, 2)}**",
@@ -549,21 +559,12 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
   lines = []
   for method, e in out["methods"].items():
     budget = budget_of(method)
-    for s in sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget]):
+    tried = sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget])
+    for i, s in enumerate(tried):
       grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
-      check = s["budget"]
-      if check["rule"] == "doubling":
-        gain = 100 * check["doubling_gain"]
-        verdict = (f"{'enough' if check['converged'] else 'NOT enough'}: doubling it gained "
-                   + (f"{gain:+.2f} points" if setup.metric == "acc" else
-                      f"{gain:+.2f}% in -log perplexity"))
-      else:
-        verdict = (f"{'converged' if check['converged'] else 'NOT converged'} by the in-run "
-                   f"check only (best val at step {check['best_val_step']})"
-                   + ("; not doubled" if doublings_of(cfg, method) == 0 else ""))
       lines.append(f"{'*' if s is e['selection'] else ' '} {method}, {s[budget]} {budget}: "
-                   f"{val} by rate ({grid}) -> lr {s['lr']:g}"
-                   f"{' (at the edge of the grid)' if s['edge'] else ''}; {verdict}")
+                   f"{val} by rate ({grid}) -> lr {s['lr']:g}; "
+                   f"{verdict(setup, cfg, method, tried, i)}")
     if test in e:
       lines.append(f"  {test} over {len(e[test])} seeds: "
                    f"{utils.pm(list(e[test].values()), scale, 2)}")
