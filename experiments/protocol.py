@@ -393,7 +393,9 @@ def paired(mine: dict[int, float], ref: dict[int, float],
 
 def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
   """Validation curves: per method, the sweep at the selection seed (thin) and
-  every seed at the selected rate (thick); accuracy axes from 0 to 100."""
+  every seed at the selected rate (thick); accuracy axes from 0 to 100, perplexity up
+  to 1.3x the highest final value (so that a rate whose curve spiked on the way does
+  not flatten the others)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -439,7 +441,9 @@ def plot(setup: Setup, out: dict[str, Any], path: str) -> int:
     if setup.metric == "acc":
       ax.set(ylabel="validation accuracy %", ylim=(0, 100))
     else:
-      ax.set(ylabel="validation perplexity")
+      finals = [r["evals"][-1][val] for r in rows if math.isfinite(r["evals"][-1][val])]
+      ax.set(ylabel="validation perplexity",  # a spiking rate's peak is cut off
+             ylim=(None, 1.3 * max(finals)) if finals else (None, None))
     ax.set(title=method, xlabel="step")
     ax.legend(fontsize=7)
   title = f"{setup.name}: validation curves, learning-rate sweeps and selected rates"
