@@ -318,11 +318,15 @@ def _rate(lr: float) -> str:
   return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
-def verdict(setup: Setup, cfg: dict[str, Any], method: str, tried: list[dict[str, Any]],
-            i: int) -> str:
-  """The budget check of ``tried[i]`` (one method's selections, shortest budget first)
-  in words, as the table and the printed summary give it: what doubling the budget
-  gained, or, for the last budget, the in-run check alone."""
+def tried_budgets(method: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+  """A method's selections in a summary, one per budget tried, shortest first."""
+  return sorted(entry["other_budgets"] + [entry["selection"]], key=lambda s: s[budget_of(method)])
+
+
+def verdict(setup: Setup, method: str, tried: list[dict[str, Any]], i: int) -> str:
+  """The budget check of ``tried[i]`` (`tried_budgets`) in words, as the table and the
+  printed summary give it: what doubling the budget gained, or, for the last budget,
+  the in-run check alone."""
   s, budget = tried[i], budget_of(method)
   check = s["budget"]
   if check["rule"] == "doubling":
@@ -348,7 +352,7 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
   rows = []
   for method, e in out["methods"].items():
     budget = budget_of(method)
-    tried = sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget])
+    tried = tried_budgets(method, e)
     for i, s in enumerate(tried):
       chosen = s is e["selection"]
       grid = ", ".join((f"**{_rate(lr)}: {setup.show(v)}**" if chosen and lr == s["lr"] else
@@ -356,7 +360,7 @@ def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:
       trainable = f"{e['trainable_params']:,}" if "trainable_params" in e else ""
       cells = [method if i == 0 else "", trainable if i == 0 else "",
                f"**{s[budget]}**" if chosen else str(s[budget]), grid,
-               verdict(setup, cfg, method, tried, i)]
+               verdict(setup, method, tried, i)]
       if chosen and test in e:
         values = list(e[test].values())
         cells += [f"**{utils.pm(values, scale, 2)}**",
@@ -563,12 +567,12 @@ def report(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> list[str]:
   lines = []
   for method, e in out["methods"].items():
     budget = budget_of(method)
-    tried = sorted(e["other_budgets"] + [e["selection"]], key=lambda s: s[budget])
+    tried = tried_budgets(method, e)
     for i, s in enumerate(tried):
       grid = ", ".join(f"{lr:g}: {setup.show(v)}" for lr, v in zip(s["grid"], s[val]))
       lines.append(f"{'*' if s is e['selection'] else ' '} {method}, {s[budget]} {budget}: "
                    f"{val} by rate ({grid}) -> lr {s['lr']:g}; "
-                   f"{verdict(setup, cfg, method, tried, i)}")
+                   f"{verdict(setup, method, tried, i)}")
     if test in e:
       lines.append(f"  {test} over {len(e[test])} seeds: "
                    f"{utils.pm(list(e[test].values()), scale, 2)}")

@@ -459,9 +459,9 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
   assert abs(short["budget"]["doubling_gain"] - 2e-3 * 75) < 1e-9
   assert long["budget"]["rule"] == "in-run" and long["budget"]["doubling_gain"] is None
   # the table and the printed summary word each check alike, and say the weak one is weak
-  assert protocol.verdict(setup, cfg, "lora", [short, long], 0) == (
+  assert protocol.verdict(setup, "lora", [short, long], 0) == (
       "not enough: 300 steps gained +15.00 points")
-  assert protocol.verdict(setup, cfg, "lora", [short, long], 1) == (
+  assert protocol.verdict(setup, "lora", [short, long], 1) == (
       "not doubled; in-run check only: flat over its last third (best at step 150)")
   enough, doubled = protocol.select(setup, None, cfg, "full")
   assert enough["final"] and enough["budget"]["converged"] and not doubled["final"]
