@@ -19,7 +19,9 @@ modelling, scored by held-out perplexity):
    first budget that is enough, else at the last one tried. A doubled grid
    leaves out the rates above the selected one that scored more than
    ``drop`` below it: a longer schedule moves the best peak rate down, not
-   up, so a rate already too large does not come back. The score is
+   up, so a rate already too large does not come back. It runs nearest the
+   selected rate first, so a sweep stopped partway holds the likeliest winners
+   (its run files are reused when it is run again). The score is
    accuracy for fortunes and minus the log perplexity (the mean NLL in nats)
    for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
    perplexity. ``doublings_for`` sets a method's own number of doublings
@@ -279,20 +281,26 @@ def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[st
 
   Then the grid again at twice the budget (less the rates above the selected one
   that scored more than ``drop`` below it), up to ``doublings_of`` times, until
-  doubling no longer raises the selected score by more than ``plateau``. Returns
-  one selection per budget tried; ``final`` marks the one the seeds run at.
+  doubling no longer raises the selected score by more than ``plateau``. A doubled
+  grid runs nearest the selected rate first (in log rate; ties: the smaller), so a
+  sweep stopped partway holds its likeliest winners. Returns one selection per
+  budget tried; ``final`` marks the one the seeds run at.
   """
   grid = whole = list(QUICK_GRID if cfg["quick"] else setup.grids[method])
   budget, val = budget_of(method), f"val_{setup.metric}"
   tried = []
   for doubling in range(1 + doublings_of(cfg, method)):
     at = dict(cfg, **{budget: cfg[budget] * 2 ** doubling})
+    order = grid
     if doubling:  # rates above the selected one, far behind it, stay out
       last = tried[-1]
       best_score = setup.score(last[val][last["grid"].index(last["lr"])])
       grid = [lr for lr, v in zip(last["grid"], last[val])
               if lr <= last["lr"] or setup.score(v) >= best_score - cfg["drop"]]
-    rows = [run(setup, data, at, method, cfg["select_seed"], lr) for lr in grid]
+      # nearest the selected rate first: a run stopped partway has the likeliest winners
+      order = sorted(grid, key=lambda lr: (abs(math.log(lr / last["lr"])), lr))
+    ran = {lr: run(setup, data, at, method, cfg["select_seed"], lr) for lr in order}
+    rows = [ran[lr] for lr in grid]
     best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
     check = dict(converged(best["evals"], cfg["plateau"], val, setup.score),
                  rule="in-run", doubling_gain=None)
