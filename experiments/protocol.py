@@ -68,7 +68,7 @@ Examples::
       --doublings_for=full:2,lora:2,ia3:2,lora_all:1,dora:1   # experiment 2's verdict
   python -m experiments.protocol --methods=lora --select_only --summary=protocol_lora_sweep
   python -m experiments.protocol --config=smollm2_mobydick \
-      --doublings_for=lora:2,full:2                            # LoRA vs full on Moby Dick
+      --doublings_for=lora:3,full:2                            # LoRA vs full on Moby Dick
 """
 
 from __future__ import annotations
