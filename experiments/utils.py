@@ -245,5 +245,5 @@ def provenance() -> dict[str, Any]:
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "load_average_1_5_15": list(os.getloadavg()), "cpus": os.cpu_count(),
           "machine": platform.platform(), "cpu_model": cpu_model(),
-          "python": platform.python_version(),
+          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "backend": jax.default_backend(), "versions": versions}

@@ -80,3 +80,28 @@ def test_reference_benchmark_measures_the_donated_steps_memory(tmp_path):
               for c in out["checks"]}
   assert "train-step temporaries jlora / full/donated" in measures
   assert "train-step footprint jlora / full" in measures
+
+
+def test_xla_flags_runs_each_set_in_its_own_process(tmp_path):
+  """Each flag set reaches its own `benchmarks.reference` process (its provenance records
+  the flags), and the sets are compared with the default one's medians."""
+  path = tmp_path / "flags.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.xla_flags", "--quick", "--passes=1",
+       "--sets=default,eigen_one_thread", f"--json={path}"], cwd=REPO, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(path.read_text())
+  assert out["command"].endswith(f"--sets=default,eigen_one_thread --json={path}")
+  assert set(out["sets"]) == {"default", "eigen_one_thread"}
+  one = out["sets"]["eigen_one_thread"]
+  assert one["flags"] == "--xla_cpu_multi_thread_eigen=false"
+  assert one["recorded_xla_flags"][0].endswith("--xla_cpu_multi_thread_eigen=false")
+  assert not out["sets"]["default"]["recorded_xla_flags"][0].endswith("eigen=false")
+  assert out["sets"]["default"]["median_over_default"] == {
+      n: 1.0 for n in ("full", "jlora", "base", "unmerged")}
+  for n, flops in out["sets"]["default"]["flops"].items():  # the same arithmetic, up to
+    assert abs(one["flops"][n] / flops - 1) < 0.01  # the compiler's choice of fusions
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.xla_flags", "--sets=fast_math"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "--sets: unknown ['fast_math']" in bad.stderr
