@@ -99,7 +99,7 @@ def main(argv=None):
   if unknown or "default" not in names or args.passes < 1:
     p.error(f"--sets: unknown {unknown}; choose from {', '.join(SETS)}, with default among "
             f"them (the others are compared with it); --passes >= 1 (got {args.passes})")
-  from experiments.utils import provenance
+  from experiments.utils import provenance, write_json
   prov = provenance()
   prov["command"] = shlex.join(["python", "-m", "benchmarks.xla_flags", *argv])
 
@@ -127,8 +127,7 @@ def main(argv=None):
   path = args.json or (None if args.quick else os.path.join(R.RESULTS, "xla_flags.json"))
   if path:
     prov.update(load_after=list(os.getloadavg()), passes=args.passes, sets=sets)
-    with open(path, "w") as f:
-      json.dump(prov, f, indent=1)
+    write_json(path, prov)
     print(f"\n# wrote {os.path.relpath(path)}")
 
 
