@@ -96,9 +96,13 @@ def main(argv=None):
   args = p.parse_args(argv)
   names = args.sets.split(",")
   unknown = [n for n in names if n not in SETS]
-  if unknown or "default" not in names or args.passes < 1:
-    p.error(f"--sets: unknown {unknown}; choose from {', '.join(SETS)}, with default among "
-            f"them (the others are compared with it); --passes >= 1 (got {args.passes})")
+  problems = [f"--sets: unknown {unknown}; choose from {', '.join(SETS)}"] if unknown else []
+  if "default" not in names:
+    problems.append("--sets: add default (the other sets are compared with it)")
+  if args.passes < 1:
+    problems.append(f"--passes: at least 1 (got {args.passes})")
+  if problems:
+    p.error("; ".join(problems))
   from experiments.utils import provenance, write_json
   prov = provenance()
   prov["command"] = shlex.join(["python", "-m", "benchmarks.xla_flags", *argv])

@@ -105,3 +105,7 @@ def test_xla_flags_runs_each_set_in_its_own_process(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "benchmarks.xla_flags", "--sets=fast_math"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "--sets: unknown ['fast_math']" in bad.stderr
+  both = subprocess.run([sys.executable, "-m", "benchmarks.xla_flags", "--sets=xnn_dot",
+                         "--passes=0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert both.returncode == 2 and "unknown" not in both.stderr
+  assert "--sets: add default" in both.stderr and "--passes: at least 1 (got 0)" in both.stderr
