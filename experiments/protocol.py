@@ -21,7 +21,11 @@ modelling, scored by held-out perplexity):
    ``drop`` below it: a longer schedule moves the best peak rate down, not
    up, so a rate already too large does not come back. It runs nearest the
    selected rate first, so a sweep stopped partway holds the likeliest winners
-   (its run files are reused when it is run again). The score is
+   (its run files are reused when it is run again). A grid whose best rate is
+   its smallest or its largest says nothing of the rates beyond it, so the
+   rate one step further out runs too (the step: the ratio of that edge to its
+   neighbour; one significant digit), up to ``extend`` times a budget, until
+   the best rate is inside the grid. The score is
    accuracy for fortunes and minus the log perplexity (the mean NLL in nats)
    for Moby Dick, so ``plateau`` 0.01 is one accuracy point or 1% of
    perplexity. ``doublings_for`` sets a method's own number of doublings
@@ -102,6 +106,8 @@ OWN = {
                       "(lora_all:0 keeps it at its first budget: only the in-run check)"),
     "drop": (0.05, "a doubled grid leaves out the rates above the selected one that "
              "scored more than this below it"),
+    "extend": (2, "a grid whose best rate is its smallest or largest runs the rate one "
+               "step beyond it, up to this many times a budget (0: never)"),
     "select_only": (False, "run the learning-rate sweeps only (no further seeds)"),
     "summary": ("", "the summary's file name, without .json (default protocol_fortunes or "
                 "protocol_mobydick)"),
@@ -216,7 +222,8 @@ SETUPS = {
                   "weight_decay", "batch_size", "max_len", "split_seed", "test_fraction",
                   "val_size", "train_size", "test_size", "eval_every", "eval_batch", "ia3_lr"),
         over=dict(eval_every=25),  # a validation curve for the budget check
-        quick=dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64, doublings=0),
+        quick=dict(steps=4, eval_every=2, seeds=2, train_size=128, test_size=64, doublings=0,
+                   extend=0),
         data=fortunes.task_from, body=_fortunes_body, metric="acc", score=float,
         show=lambda v: f"{100 * v:.1f}"),
     "smollm2_mobydick": Setup(
@@ -229,7 +236,7 @@ SETUPS = {
                   "batch_size", "seq_len", "n_heldout", "eval_tokens", "eval_every",
                   "eval_batch", "layers"),
         over=dict(eval_every=10),
-        quick=dict(eval_every=1, seeds=2, doublings=0),
+        quick=dict(eval_every=1, seeds=2, doublings=0, extend=0),
         data=_mobydick_data, body=_mobydick_body, metric="ppl", score=lambda v: -math.log(v),
         show=lambda v: f"{v:.2f}"),
 }
@@ -276,19 +283,44 @@ def converged(evals: list[dict[str, Any]], tolerance: float, key: str,
           "best_val_score_before_last_third": before, "best_val_score_last_third": last}
 
 
+def beyond(rates, *, down: bool) -> float:
+  """The rate one step beyond the smallest (``down``) or largest of ``rates``: the step
+  is the ratio of that edge to its neighbour, the rate rounded outward to one
+  significant digit, so the step is never shorter than the grid's.
+
+  >>> beyond([5e-4, 1e-3, 2e-3], down=True), beyond([1e-5, 3e-5, 1e-4], down=True)
+  (0.0002, 3e-06)
+  >>> beyond([5e-4, 1e-3, 2e-3], down=False), beyond([3e-3, 1e-2, 3e-2, 1e-1], down=False)
+  (0.004, 0.4)
+  """
+  rates = sorted(rates)
+  edge, near = (rates[0], rates[1]) if down else (rates[-1], rates[-2])
+  x = edge * edge / near
+  e = math.floor(math.log10(x) + 1e-9)
+  digit = math.floor(x / 10**e + 1e-9) if down else math.ceil(x / 10**e - 1e-9)
+  return float(f"{digit}e{e}") if digit < 10 else float(f"1e{e + 1}")
+
+
 def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[str, Any]]:
   """The grid at ``select_seed``; the rate with the best final validation score.
 
-  Then the grid again at twice the budget (less the rates above the selected one
-  that scored more than ``drop`` below it), up to ``doublings_of`` times, until
-  doubling no longer raises the selected score by more than ``plateau``. A doubled
-  grid runs nearest the selected rate first (in log rate; ties: the smaller), so a
-  sweep stopped partway holds its likeliest winners. Returns one selection per
-  budget tried; ``final`` marks the one the seeds run at.
+  A best rate at the smallest or largest rate tried so far runs the rate one step
+  beyond it (`beyond`), up to ``extend`` times a budget. Then the grid again at twice
+  the budget (less the rates above the selected one that scored more than ``drop``
+  below it), up to ``doublings_of`` times, until doubling no longer raises the
+  selected score by more than ``plateau``. A doubled grid runs nearest the selected
+  rate first (in log rate; ties: the smaller), so a sweep stopped partway holds its
+  likeliest winners. Returns one selection per budget tried; ``final`` marks the one
+  the seeds run at, ``extended`` the rates added at that budget.
   """
-  grid = whole = list(QUICK_GRID if cfg["quick"] else setup.grids[method])
+  grid = list(QUICK_GRID if cfg["quick"] else setup.grids[method])
+  whole = list(grid)  # every rate of the method's grid so far, extensions included
   budget, val = budget_of(method), f"val_{setup.metric}"
   tried = []
+
+  def pick(ran):  # the best final validation score; ties: the smaller rate
+    return max(ran.values(), key=lambda r: (setup.score(r[val]), -r["lr"]))
+
   for doubling in range(1 + doublings_of(cfg, method)):
     at = dict(cfg, **{budget: cfg[budget] * 2 ** doubling})
     order = grid
@@ -300,13 +332,21 @@ def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[st
       # nearest the selected rate first: a run stopped partway has the likeliest winners
       order = sorted(grid, key=lambda lr: (abs(math.log(lr / last["lr"])), lr))
     ran = {lr: run(setup, data, at, method, cfg["select_seed"], lr) for lr in order}
+    extended = []
+    while len(extended) < cfg["extend"] and pick(ran)["lr"] in (min(whole), max(whole)):
+      down = pick(ran)["lr"] == min(whole)
+      lr = beyond(whole, down=down)
+      grid, whole = ([lr, *grid], [lr, *whole]) if down else ([*grid, lr], [*whole, lr])
+      extended.append(lr)
+      ran[lr] = run(setup, data, at, method, cfg["select_seed"], lr)
     rows = [ran[lr] for lr in grid]
-    best = max(rows, key=lambda r: (setup.score(r[val]), -r["lr"]))  # ties: the smaller rate
+    best = pick(ran)
     check = dict(converged(best["evals"], cfg["plateau"], val, setup.score),
                  rule="in-run", doubling_gain=None)
     tried.append({"grid": grid, val: [r[val] for r in rows], "lr": best["lr"],
-                  "edge": best["lr"] in (min(whole), max(whole)), budget: at[budget],
-                  "budget": check, "final": False, "runs": [r["file"] for r in rows]})
+                  "edge": best["lr"] in (min(whole), max(whole)), "extended": extended,
+                  budget: at[budget], "budget": check, "final": False,
+                  "runs": [r["file"] for r in rows]})
     if doubling:
       shorter = tried[-2]
       gain = setup.score(best[val]) - setup.score(
@@ -347,7 +387,9 @@ def verdict(setup: Setup, method: str, tried: list[dict[str, Any]], i: int) -> s
     words = (f"not doubled; in-run check only: "
              f"{'flat over' if check['converged'] else 'still improving in'} its last third "
              f"(best at step {check['best_val_step']})")
-  return words + ("; chosen rate at the grid's edge" if s["edge"] else "")
+  added = ", ".join(_rate(lr) for lr in s.get("extended", []))
+  return (words + (f"; {added} added beyond the grid's edge" if added else "")
+          + ("; chosen rate at the grid's edge" if s["edge"] else ""))
 
 
 def table(setup: Setup, cfg: dict[str, Any], out: dict[str, Any]) -> str:

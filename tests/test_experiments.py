@@ -6,6 +6,7 @@ what it wrote. They need the data of ``experiments/fetch_data.sh``.
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -450,7 +451,7 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
   setup = dataclasses.replace(protocol.SETUPS["minilm_fortunes"], body=body,
                               grids={"lora": grid, "full": grid})
   cfg = {"quick": False, "steps": 150, "select_seed": 0, "plateau": 0.01, "doublings": 1,
-         "doublings_for": (), "drop": 0.05}
+         "doublings_for": (), "drop": 0.05, "extend": 2}
   short, long = protocol.select(setup, None, cfg, "lora")
   assert short["lr"] == long["lr"] == 2e-3 and (short["steps"], long["steps"]) == (150, 300)
   # the doubled grid drops the rate above the best that was far behind, not the one below
@@ -485,6 +486,59 @@ def test_protocol_budget_is_enough_when_doubling_it_does_not_help(tmp_path, monk
   assert [s["steps"] for s in longer] == [150, 300, 600]  # lora still gains at 600
   assert [s["final"] for s in longer] == [False, False, True]
   assert len(os.listdir(tmp_path)) == 21
+
+
+def test_protocol_extends_a_grid_whose_best_rate_is_at_its_edge(tmp_path, monkeypatch):
+  """Validation accuracy peaks at ``peak`` (in log rate). A grid whose best rate is its
+  smallest (largest) runs the rate one step beyond, until the best is inside the grid
+  or ``extend`` rates were added at that budget; a rate that a doubled grid dropped
+  keeps the rates below it from counting as the upper edge."""
+  from experiments import protocol
+  trained, peak, folder = [], {}, [tmp_path]
+
+  def body(data, cfg, method, seed, lr):
+    trained.append((cfg["steps"], lr))
+    acc = 0.8 - 0.2 * abs(math.log10(lr / peak[cfg["steps"]]))
+    curve = [{"step": t, "val_acc": acc} for t in range(25, cfg["steps"] + 1, 25)]
+    return {"val_acc": acc, "test_acc": 0.0, "evals": curve, "losses": [],
+            "trainable_params": 1, "total_params": 1}
+
+  def fresh(**peaks):  # a new run folder: the runs are keyed by settings, not by peak
+    folder[0] = tmp_path / str(len(os.listdir(tmp_path)))
+    folder[0].mkdir()
+    peak.clear(), peak.update({int(k[1:]): v for k, v in peaks.items()}), trained.clear()
+
+  monkeypatch.setattr(protocol.Setup, "folder", lambda self, quick: str(folder[0]))
+  grid = (1e-3, 2e-3, 5e-3, 1e-2)
+  setup = dataclasses.replace(protocol.SETUPS["minilm_fortunes"], body=body,
+                              grids={"lora": grid})
+  cfg = {"quick": False, "steps": 150, "select_seed": 0, "plateau": 0.01, "doublings": 0,
+         "doublings_for": (), "drop": 0.05, "extend": 2}
+  fresh(s150=4e-4)  # below the grid: 5e-4 wins, then 2e-4 loses to it
+  (one,) = protocol.select(setup, None, cfg, "lora")
+  assert trained == [(150, lr) for lr in (*grid, 5e-4, 2e-4)]
+  assert one["grid"] == [2e-4, 5e-4, *grid] and one["extended"] == [5e-4, 2e-4]
+  assert one["lr"] == 5e-4 and not one["edge"]
+  assert protocol.verdict(setup, "lora", [one], 0).endswith(
+      "flat over its last third (best at step 25); 5e-4, 2e-4 added beyond the grid's edge")
+  (off,) = protocol.select(setup, None, dict(cfg, extend=0), "lora")  # the old protocol
+  assert off["grid"] == list(grid) and off["extended"] == [] and off["lr"] == 1e-3
+  assert off["edge"] and len(trained) == 6  # from the run files
+  fresh(s150=1e-5)  # far below: two rates added, the best still the smallest
+  (far,) = protocol.select(setup, None, cfg, "lora")
+  assert far["lr"] == 2e-4 and far["edge"] and far["extended"] == [5e-4, 2e-4]
+  assert protocol.verdict(setup, "lora", [far], 0).endswith(
+      "; 5e-4, 2e-4 added beyond the grid's edge; chosen rate at the grid's edge")
+  fresh(s150=3e-2, s300=3e-4)  # above the grid at 150 steps, below it at 300
+  short, long = protocol.select(setup, None, dict(cfg, doublings=1, extend=1), "lora")
+  assert trained[:5] == [(150, lr) for lr in (*grid, 2e-2)]
+  assert short["extended"] == [2e-2] and short["lr"] == 2e-2 and short["edge"]
+  assert long["grid"] == [5e-4, *grid, 2e-2] and long["extended"] == [5e-4]
+  assert long["lr"] == 5e-4 and long["edge"] and trained[-1] == (300, 5e-4)
+  fresh(s150=5e-3, s300=1e-1)  # 1e-2 far behind at 150: 5e-3 is the largest left at 300
+  short, long = protocol.select(setup, None, dict(cfg, doublings=1), "lora")
+  assert short["extended"] == [] and long["grid"] == [1e-3, 2e-3, 5e-3]
+  assert long["lr"] == 5e-3 and long["extended"] == [] and not long["edge"]
 
 
 def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
