@@ -1,6 +1,8 @@
-"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--dump DIR] [--peak] [--loss standard|explicit]
+"""python -m benchmarks.profile_step [--quick] [--steps full,jlora,naive] [--by_shape] [--dump DIR] [--peak] [--loss standard|explicit]
 
-Per-op wall time of the reference train steps on XLA:CPU. Each step is
+Per-op wall time of the reference train steps on XLA:CPU (and of its forwards:
+``--steps base,unmerged`` takes any name of `benchmarks.reference.train_steps`
+or `benchmarks.reference.forwards`). Each program is
 compiled, run under ``jax.profiler.trace`` (XLA:CPU records one event per
 thunk, named after its HLO instruction), and every instruction of the
 optimised HLO's entry computation is put in a class:
@@ -14,7 +16,8 @@ optimised HLO's entry computation is put in a class:
 and the table gives, per class: count, ms per step, share and GFLOP/s. With
 ``--dump DIR`` XLA also writes its HLO (``--xla_dump_to``) there.
 
-``--peak`` profiles memory instead of time (no timing, so no quiet machine
+``--by_shape`` adds a table of the dots grouped by class and shape (output
+dimensions, then the contracted size). ``--peak`` profiles memory instead of time (no timing, so no quiet machine
 needed): for each step, the buffers XLA's live-range analysis finds live at
 the step's peak (``*-live-range.txt``, "Live ranges at N (peak)"), grouped by
 shape, arguments left out, next to ``memory_analysis().temp_size_in_bytes``;
@@ -83,7 +86,8 @@ def dot_info(line: str, shapes: dict):
 
 
 def classify(entry, comps, shapes):
-  """{instruction name: (class, flops)} for the entry computation."""
+  """{instruction name: (class, flops, dot dims)} for the entry computation; dot dims
+  (the output's, then the contracted size) are None for an op that is not a dot."""
   out = {}
   for line in comps[entry]:
     m = re.match(r"\s*(ROOT )?%([\w.\-]+) = \S+ (\w[\w\-]*)\(", line)
@@ -99,13 +103,13 @@ def classify(entry, comps, shapes):
       i = infos[0]
       cls = ("dot attention" if i["batched"] else
              "dot rank-r" if min(i["dims"]) <= 16 else "dot dense")
-      out[name] = (cls, sum(x["flops"] for x in infos))
+      out[name] = (cls, sum(x["flops"] for x in infos), tuple(i["dims"]))
     elif op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
       continue
     elif "transpose" in name or "copy" in name or op in ("copy", "transpose"):
-      out[name] = ("transpose/copy", 0)
+      out[name] = ("transpose/copy", 0, None)
     else:
-      out[name] = ("other", 0)
+      out[name] = ("other", 0, None)
   return out
 
 
@@ -127,26 +131,39 @@ def profile(compiled, args, steps: int = 3):
   return dur
 
 
-def report(name, compiled, args, steps):
+def report(name, compiled, args, steps, *, by_shape: bool = False):
   entry, comps, shapes = parse_hlo(compiled.as_text())
   cls = classify(entry, comps, shapes)
   dur = profile(compiled, args, steps)
   rows = collections.defaultdict(lambda: [0, 0.0, 0])
+  dots = collections.defaultdict(lambda: [0, 0.0, 0])
   per_op = []
-  for op, (c, fl) in cls.items():
+  for op, (c, fl, dot_dims) in cls.items():
     t = dur.get(op, 0.0)
     rows[c][0] += 1
     rows[c][1] += t
     rows[c][2] += fl
     per_op.append((t, op, c, fl))
+    if dot_dims:
+      row = dots[(c, dot_dims)]
+      row[0] += 1
+      row[1] += t
+      row[2] += fl
   total = sum(r[1] for r in rows.values())
-  print(f"\n### {name}: {total:.0f} ms per step in traced ops\n")
-  print("| class | ops | ms/step | share | GFLOP | GFLOP/s |")
+  print(f"\n### {name}: {total:.0f} ms per call in traced ops\n")
+  print("| class | ops | ms/call | share | GFLOP | GFLOP/s |")
   print("|---|---:|---:|---:|---:|---:|")
   for c in ("dot dense", "dot rank-r", "dot attention", "transpose/copy", "other"):
     n, t, fl = rows.get(c, (0, 0.0, 0))
     rate = f"{fl / t / 1e6:.1f}" if fl and t else "-"
     print(f"| {c} | {n} | {t:.0f} | {t / total:.1%} | {fl / 1e9:.2f} | {rate} |")
+  if by_shape:
+    print("\n| dot class | output dims, contracted size | ops | ms/call | µs/op | GFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (c, dot_dims), (n, t, fl) in sorted(dots.items(), key=lambda kv: -kv[1][1]):
+      rate = f"{fl / t / 1e6:.1f}" if t else "-"
+      print(f"| {c} | {' x '.join(map(str, dot_dims[:-1]))}, {dot_dims[-1]} | {n} | {t:.2f} | "
+            f"{1e3 * t / n:.0f} | {rate} |")
   print("\ntop ops:")
   for t, op, c, fl in sorted(per_op, reverse=True)[:12]:
     print(f"  {t:7.1f} ms  {c:15s} {op}  {fl / 1e6:.0f} MFLOP")
@@ -219,6 +236,8 @@ def main(argv=None):
   p.add_argument("--json", default=None, help="with --peak: write here")
   p.add_argument("--loss", choices=("standard", "explicit"), default="standard",
                  help="the steps' cross-entropy (explicit: its backward written out)")
+  p.add_argument("--by_shape", action="store_true",
+                 help="also the dots grouped by class and shape: count, time, GFLOP/s")
   argv = sys.argv[1:] if argv is None else list(argv)
   a = p.parse_args(argv)
   if a.peak:
@@ -236,12 +255,15 @@ def main(argv=None):
   from benchmarks.model import LOSSES, QUICK, Config
   cfg = QUICK if a.quick else Config()
   s = R.build(cfg, R.TARGETS[a.targets])
-  steps = R.train_steps(s, optax.adam(1e-3), loss=LOSSES[a.loss])
+  programs = {**R.train_steps(s, optax.adam(1e-3), loss=LOSSES[a.loss]), **R.forwards(s)}
+  unknown = [n for n in a.steps.split(",") if n not in programs]
+  if unknown:
+    p.error(f"--steps: unknown {unknown}; choose from {', '.join(programs)}")
   print(f"# per-op profile, jax {jax.__version__}, load {os.getloadavg()[0]:.2f}, {cfg}")
   for name in a.steps.split(","):
-    fn, args = steps[name]
+    fn, args = programs[name]
     compiled = jax.jit(fn).lower(*args).compile()
-    report(name, compiled, args, a.traced)
+    report(name, compiled, args, a.traced, by_shape=a.by_shape)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ while its function is jitted:
 * ``jlora_two_dots`` / ``unfused_two_dots``: the form before it (two dots and
   an ``add``, which XLA:CPU re-adds in each consumer, keeping both halves);
 * forwards ``unmerged``: the library (no differentiation: two dots and an
-  ``add``); ``unmerged_one_matmul``: the one-matmul form as the primal too.
+  ``add``); ``unmerged_one_matmul``: the one-matmul form as the primal too;
+  ``unmerged_unrolled``: the up-projection ``t·B`` as ``r`` broadcast
+  multiply-adds (``Σ_j t[:, j] ⊗ B[j]``) instead of a dot, which XLA can fuse
+  with the ``add`` into one loop, so ``t·B`` is never written out on its own.
 
 Reports XLA FLOPs, temporaries, dots, fusions and interleaved median wall
 times (ratios to ``full`` or ``base`` of the same run), and writes them with
@@ -57,6 +60,25 @@ def one_matmul_primal():
     _labels._stacked_matmul = orig
 
 
+@contextlib.contextmanager
+def unrolled_up_primal():
+  """The up-projection as ``r`` broadcast multiply-adds fused with the add (forward only)."""
+  orig = _labels._stacked_matmul
+
+  def stacked(x, t, w, b, weight_first, precision, preferred):
+    y = _labels._matmul(x, w, weight_first, precision, preferred)
+    for j in range(t.shape[1]):
+      y = y + (b[j][:, None] * t[:, j][None, :] if weight_first else
+               t[:, j][:, None] * b[j][None, :]).astype(y.dtype)
+    return y
+
+  _labels._stacked_matmul = stacked
+  try:
+    yield
+  finally:
+    _labels._stacked_matmul = orig
+
+
 def compiled_with(patch, fn, args) -> dict:
   with patch():
     return R.analyse(lambda *a: fn(*a), args)  # a fresh function: jit caches by identity
@@ -86,9 +108,16 @@ def main(argv=None):
     step_stats[f"{n}_two_dots"] = compiled_with(two_dots, *steps[n])
   fwd_stats = {n: R.analyse(*fwds[n]) for n in ("base", "merged", "unmerged")}
   fwd_stats["unmerged_one_matmul"] = compiled_with(one_matmul_primal, *fwds["unmerged"])
+  fwd_stats["unmerged_unrolled"] = compiled_with(unrolled_up_primal, *fwds["unmerged"])
+  with unrolled_up_primal():  # the same function as the library's, to the rounding
+    delta = float(abs(jax.jit(lambda *a: fwds["unmerged"][0](*a))(*fwds["unmerged"][1])
+                      - fwds["unmerged"][0](*fwds["unmerged"][1])).max())
+  print(f"# unmerged_unrolled against unmerged: max |logit difference| {delta:.2e}")
 
   def args_of(n, table):
-    return table[n.replace("_two_dots", "").replace("_one_matmul", "")][1]
+    for suffix in ("_two_dots", "_one_matmul", "_unrolled"):
+      n = n.removesuffix(suffix)
+    return table[n][1]
 
   load_before = os.getloadavg()
   times = R.interleaved({n: R.jax_call(st["compiled"], args_of(n, steps))
@@ -120,7 +149,8 @@ def main(argv=None):
     out = {**prov, "note": args.note, "quick": args.quick,
            "load_before_timing": list(load_before), "load_after_timing": list(load_after),
            "config": cfg.__dict__, "targets": R.TARGETS[args.targets], "rounds": rounds,
-           "forward_rounds": 3 * rounds, "variants": rows, "times_s": times}
+           "forward_rounds": 3 * rounds, "variants": rows, "times_s": times,
+           "unrolled_max_abs_logit_difference": delta}
     from experiments.utils import write_json
 
     write_json(path, out)

@@ -59,6 +59,23 @@ def test_profile_step_peak_quick_with_either_loss(tmp_path):
     assert all(s["temp"] > 0 and s["by_shape"] for s in out["steps"].values())
 
 
+def test_profile_step_times_forwards_and_groups_dots_by_shape():
+  """A forward profiles like a step; ``--by_shape`` lists the rank-8 up-projections
+  (contracted size 8) apart from the dense dots, and an unknown name is one error."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.profile_step", "--quick", "--steps", "base,unmerged",
+       "--by_shape", "--traced", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  base, unmerged = proc.stdout.split("### unmerged:")
+  assert "| dot rank-r | 0 |" in base and "| dot rank-r | 128 x 64, 8 |" in unmerged
+  assert "| dot dense | 128 x 64, 64 |" in base
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.profile_step", "--quick", "--steps", "base,unmerge"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and "--steps: unknown ['unmerge']; choose from full, " in (
+      proc.stderr)
+
+
 def test_reference_benchmark_measures_the_donated_steps_memory(tmp_path):
   """The train steps' memory as a training loop compiles them (state donated), beside the
   undonated one: a donated step writes its new state into its inputs' buffers."""
