@@ -69,7 +69,7 @@ it trains, and says how to keep it.
 Examples::
 
   python -m experiments.protocol --methods=probe,lora,full,lora_all,ia3,dora,qlora \
-      --doublings_for=full:2,lora:2,ia3:2,lora_all:1,dora:1,qlora:2  # experiment 2
+      --doublings_for=full:2,lora:2,ia3:2,lora_all:1,dora:2,qlora:2  # experiment 2
   python -m experiments.protocol --methods=lora --select_only --summary=protocol_lora_sweep
   python -m experiments.protocol --config=smollm2_mobydick \
       --doublings_for=lora:3,full:2                            # LoRA vs full on Moby Dick
