@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,22 +68,34 @@ def _model_shapes(cfg: Mapping[str, Any]) -> Any:
   return llama.shapes(config)
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
+def validate(cfg: Mapping[str, Any], *, also: Sequence[str] = ()) -> None:
   """Checks every setting of the main job; no data, no weights, no folder.
+
+  Args:
+    cfg: The settings.
+    also: Problems a caller found in its own settings, reported in the same error.
+
+  Raises:
+    config_lib.ConfigError: Listing every problem, each with its setting.
+  """
+  problems = list(also) + problems_of(cfg)
+  if problems:
+    raise config_lib.ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def problems_of(cfg: Mapping[str, Any]) -> list[str]:
+  """Every problem of the main job's settings, each naming its setting.
 
   The targets, rank, alpha and head are checked by `jlora.lorify` itself, on
   a shape-only tree of the model (``jax.eval_shape``), so its messages name
   the module names that exist.
-
-  Raises:
-    config_lib.ConfigError: Listing every problem, each with its setting.
   """
   import jax
 
   problems = []
   task = cfg.get("task")
   if task not in TASKS:
-    raise config_lib.ConfigError(f"--task: expected one of {list(TASKS)}, got {task!r}")
+    return [f"--task: expected one of {list(TASKS)}, got {task!r}"]
   if cfg["method"] not in TASKS[task]:
     problems.append(f"--method: for task {task!r} expected one of {list(TASKS[task])}, "
                     f"got {cfg['method']!r}")
@@ -125,8 +137,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     except jlora.LoraError as e:
       problems.append(f"--targets={','.join(cfg['targets'])} --rank={cfg['rank']} "
                       f"--head={','.join(cfg['head'])} --quantize={cfg['quantize']}: {e}")
-  if problems:
-    raise config_lib.ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+  return problems
 
 
 # --------------------------------------------------------------------------- the run folder

@@ -110,10 +110,9 @@ def cache_path(cfg, method: str, seed: int) -> str:
 def main(argv=None) -> list[dict]:
   cfg = config_lib.load(argv or [], default="minilm_fortunes", own=OWN, usage=__doc__)
   seeds = seed_list(cfg["seeds"])
-  for method in cfg["methods"]:
-    if method not in METHODS:
-      raise config_lib.ConfigError(f"--methods: unknown method {method!r}; valid: {METHODS}")
-  finetune.validate(dict(cfg, method="lora"))  # before any data: targets, rank, ...
+  unknown = [f"--methods: unknown method {m!r}; valid: {METHODS}" for m in cfg["methods"]
+             if m not in METHODS]
+  finetune.validate(dict(cfg, method="lora"), also=unknown)  # before any data: targets, ...
   utils.setup_jax(cfg["compile_cache"])
   with utils.phase("loading MiniLM and tokenizing the fortunes"):
     task = fortunes.task_from(cfg)

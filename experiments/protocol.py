@@ -332,15 +332,15 @@ def select(setup: Setup, data, cfg: dict[str, Any], method: str) -> list[dict[st
       # nearest the selected rate first: a run stopped partway has the likeliest winners
       order = sorted(grid, key=lambda lr: (abs(math.log(lr / last["lr"])), lr))
     ran = {lr: run(setup, data, at, method, cfg["select_seed"], lr) for lr in order}
-    extended = []
-    while len(extended) < cfg["extend"] and pick(ran)["lr"] in (min(whole), max(whole)):
-      down = pick(ran)["lr"] == min(whole)
+    extended, best = [], pick(ran)
+    while len(extended) < cfg["extend"] and best["lr"] in (min(whole), max(whole)):
+      down = best["lr"] == min(whole)
       lr = beyond(whole, down=down)
       grid, whole = ([lr, *grid], [lr, *whole]) if down else ([*grid, lr], [*whole, lr])
       extended.append(lr)
       ran[lr] = run(setup, data, at, method, cfg["select_seed"], lr)
+      best = pick(ran)
     rows = [ran[lr] for lr in grid]
-    best = pick(ran)
     check = dict(converged(best["evals"], cfg["plateau"], val, setup.score),
                  rule="in-run", doubling_gain=None)
     tried.append({"grid": grid, val: [r[val] for r in rows], "lr": best["lr"],
@@ -521,24 +521,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = config_lib.load(argv, default=setup.config, own=OWN, own_quick=setup.quick,
                         over=setup.over, fixed=True, usage=__doc__)
   cfg = dict(cfg, progress=False, **({"ia3_lr": None} if setup.name == "fortunes" else {}))
-  unknown = [m for m in cfg["methods"] if m not in setup.grids]
-  if unknown:
-    raise config_lib.ConfigError(f"--methods: unknown {unknown} for {setup.config}; valid: "
-                                 f"{list(setup.grids)}")
-  problems = _check_doublings_for(cfg["doublings_for"], setup.grids)
-  if problems:
-    raise config_lib.ConfigError(
-        f"--doublings_for: {', '.join(problems)}; write method:N, N >= 0, with methods from "
-        f"{list(setup.grids)} (e.g. --doublings_for=lora_all:0,full:2)")
-  if cfg["quantize"]:  # not in the cache keys: each method sets its own base
-    raise config_lib.ConfigError(
-        f"--quantize={cfg['quantize']}: the protocol sets each method's base itself (method "
-        "qlora is LoRA on an NF4 base); leave --quantize unset")
-  if cfg["reference"] not in setup.grids:
-    raise config_lib.ConfigError(f"--reference: {cfg['reference']!r} is not one of "
-                                 f"{list(setup.grids)}")
   cfg["targets"] = tuple(cfg["targets"])
-  finetune.validate(dict(cfg, method="lora"))  # before any data: targets, rank, ...
+  # before any data: the protocol's own settings, and targets, rank, ... in one error
+  finetune.validate(dict(cfg, method="lora"), also=check(setup, cfg))
   path = summary_path(setup, cfg)
   utils.setup_jax(cfg["compile_cache"])
   with utils.phase(f"loading the data of {setup.config}"):
@@ -571,6 +556,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(utils.SMOKE_TEST)
   print("\n".join(lines))
   return out
+
+
+def check(setup: Setup, cfg: dict[str, Any]) -> list[str]:
+  """Every problem of the protocol's own settings, so that one error names them all
+  before any data is loaded."""
+  problems = []
+  unknown = [m for m in cfg["methods"] if m not in setup.grids]
+  if unknown:
+    problems.append(f"--methods: unknown {unknown} for {setup.config}; valid: "
+                    f"{list(setup.grids)}")
+  bad = _check_doublings_for(cfg["doublings_for"], setup.grids)
+  if bad:
+    problems.append(f"--doublings_for: {', '.join(bad)}; write method:N, N >= 0, with methods "
+                    f"from {list(setup.grids)} (e.g. --doublings_for=lora_all:0,full:2)")
+  at_least = {"doublings": 0, "extend": 0, "seeds": 1, "select_seed": 0, "plateau": 0,
+              "drop": 0}
+  problems += [f"--{key}: must be >= {low}, got {cfg[key]}" for key, low in at_least.items()
+               if cfg[key] < low]
+  if cfg["quantize"]:  # not in the cache keys: each method sets its own base
+    problems.append(f"--quantize={cfg['quantize']}: the protocol sets each method's base "
+                    "itself (method qlora is LoRA on an NF4 base); leave --quantize unset")
+  if cfg["reference"] not in setup.grids:
+    problems.append(f"--reference: {cfg['reference']!r} is not one of {list(setup.grids)}")
+  return problems
 
 
 def summary_path(setup: Setup, cfg: dict[str, Any]) -> str:

@@ -555,7 +555,11 @@ def test_protocol_rejects_settings_it_would_not_key_its_runs_by():
       ("--config=smollm2_mobydick", "--methods=lora", "--select_only"):
           "full (not in --methods), lora's test_ppl over seeds (--select_only). Run every "
           "method it holds (--methods=lora,full",
-      ("--summary=../elsewhere",): "--summary='../elsewhere': give a file name"}
+      ("--summary=../elsewhere",): "--summary='../elsewhere': give a file name",
+      ("--extend=-1", "--seeds=0", "--reference=bogus", "--rank=0"):  # one error for all
+          "invalid settings:\n  --extend: must be >= 0, got -1\n  --seeds: must be >= 1, "
+          "got 0\n  --reference: 'bogus' is not one of ['probe', 'lora', 'lora_all', 'qlora', "
+          "'dora', 'ia3', 'full']\n  --rank: must be > 0, got 0"}
   for args, message in expected.items():
     proc = _run("experiments.protocol", *args, timeout=120)
     assert proc.returncode == 2, (args, proc.stderr)
@@ -593,6 +597,10 @@ def test_data_parallel_takes_its_settings_like_every_script():
 
 
 def test_methods_compare_quick(tmp_path):
+  proc = _run("experiments.methods_compare", "--methods=lora,bogus", "--rank=0", timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert ("invalid settings:\n  --methods: unknown method 'bogus'; valid: ('lora', 'qlora', "
+          "'ia3', 'dora')\n  --rank: must be > 0, got 0") in proc.stderr, proc.stderr  # one error
   out = _ok(_run("experiments.methods_compare", "--quick", "--seeds=1", f"--out_dir={tmp_path}"))
   for method in ("lora", "qlora", "ia3", "dora"):
     assert f"\n| {method} " in out, method
