@@ -37,7 +37,10 @@ from jlora._errors import LoraError
 #   busiest adapter's examples; a batch busier than the largest takes the
 #   gather (``lax.cond``: one compiled function serves every routing). The
 #   even share first: on CPU one slot per adapter runs as matrix-vector
-#   products, twice as fast per byte of the bank as two slots.
+#   products, twice as fast per byte of the bank as two slots. A capacity
+#   known when tracing (`route`'s ``capacity``) fixes the slots instead, with
+#   no ``lax.cond``: on CPU ops inside a branch run slower, and decode at
+#   K 16 / 64 gained ≈ 3 % (BENCHMARKS.md "Serving", sixth follow-up).
 # * ``segment``: rows sorted by adapter, ``jax.lax.ragged_dot`` against the
 #   ``(K, in, r)`` and ``(K, r, out)`` stacks with the group sizes, unsorted.
 #   A grouped matmul where one exists (GPU/TPU kernels); XLA:CPU lowers
@@ -205,11 +208,13 @@ def onehot_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element
   return _finish(plan, y, shape)
 
 
-def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type):
+def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type,
+                 capacity: int | None = None):
+  """The grouped path; ``capacity``: the slots per adapter, fixed when tracing (`route`'s
+  promise: no run-time choice). An example beyond its adapter's slots gets NaNs."""
   (f1, _), (f2, _) = plan.first, plan.second
   rows, shape = _rows(plan, x)
   e, f, c = rows.shape
-  caps = sorted({min(e, m * -(-e // k)) for m in GROUPED_CAPACITIES})
   f1 = f1.reshape(k, c, f1.shape[-1]).astype(rows.dtype)
   f2 = f2.reshape(k, f2.shape[1], -1).astype(rows.dtype)
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
@@ -220,21 +225,27 @@ def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_elemen
 
   def grouped(cap):
     def at(rows):
-      slot = index * cap + rank  # the example's slot among its adapter's
-      xs = jnp.zeros((k * cap, f, c), rows.dtype).at[slot].set(rows, unique_indices=True)
+      # the example's slot among its adapter's; beyond them, a distinct slot out of range
+      slot = jnp.where(rank < cap, index * cap + rank, k * cap + jnp.arange(e))
+      xs = jnp.zeros((k * cap, f, c), rows.dtype).at[slot].set(
+          rows, mode="drop", unique_indices=True)
       t = jnp.einsum("kmc,kcr->kmr", xs.reshape(k, cap * f, c), f1, **kw)
       y = jnp.einsum("kmr,kro->kmo", t.astype(f2.dtype), f2, **kw)
-      return y.reshape(k * cap, f, -1)[slot]
+      return y.reshape(k * cap, f, -1).at[slot].get(mode="fill", fill_value=jnp.nan)
     return at
 
   def gathered(rows):  # an adapter has more examples than the largest capacity
     t = jnp.einsum("efc,ecr->efr", rows, f1[index], **kw)
     return jnp.einsum("efr,ero->efo", t.astype(f2.dtype), f2[index], **kw)
 
-  busiest = jnp.max(counts)
-  run = grouped(caps.pop()) if caps[-1] == e else gathered  # e slots hold any batch
-  for cap in reversed(caps):  # the smallest capacity that holds the busiest adapter
-    run = functools.partial(jax.lax.cond, busiest <= cap, grouped(cap), run)
+  if capacity is not None:
+    run = grouped(min(e, capacity))
+  else:
+    caps = sorted({min(e, m * -(-e // k)) for m in GROUPED_CAPACITIES})
+    busiest = jnp.max(counts)
+    run = grouped(caps.pop()) if caps[-1] == e else gathered  # e slots hold any batch
+    for cap in reversed(caps):  # the smallest capacity that holds the busiest adapter
+      run = functools.partial(jax.lax.cond, busiest <= cap, grouped(cap), run)
   y = run(rows)
   y = y * scale[:, None, None].astype(y.dtype)
   return _finish(plan, y, shape)
