@@ -15,7 +15,10 @@ timed, interleaved round-robin (the order rotates every round), medians:
 * ``gather``, ``onehot``, ``grouped``, ``segment`` (``--paths``): a bank of
   ``K`` adapters (`jlora.stack_adapters` + `jlora.route`, the index traced),
   each routing path of `jlora.methods.routing` forced; ``auto`` is the one
-  the runtime picks (its ratio is reported when that path was timed).
+  the runtime picks (its ratio is reported when that path was timed);
+* ``grouped_capacity`` (with ``grouped``): the grouped path given
+  `jlora.route`'s ``capacity`` (the busiest adapter's sequences, known
+  before compiling, as `decode.generate` passes it): no run-time choice.
 
 Each step's XLA FLOPs (``cost_analysis``) and temporaries
 (``memory_analysis``) are recorded too. Decode tokens/s = batch / median
@@ -95,6 +98,9 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
             "unmerged": (decoder("unmerged"), trees[0])}
   for path in paths:
     setups[path] = (decoder("bank", routing=path), bank)
+  capacity = -(-batch // k_adapters)  # sequence b on adapter b mod K
+  if "grouped" in paths:
+    setups["grouped_capacity"] = (decoder("bank", routing="grouped", capacity=capacity), bank)
   auto = routing_lib.choose_path(None, k_adapters, rank)  # what "auto" routes decode with
   caches, compiled, record = {}, {}, {}
   for name, (fn, p) in setups.items():
@@ -108,7 +114,7 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
     compiled[name] = (c, p)
   # The bank's logits equal each sequence's own merged adapter's (one step).
   check = {}
-  for name in paths:
+  for name in [n for n in setups if n not in ("merged", "unmerged")]:
     c, p = compiled[name]
     logits, caches[name] = c(p, ids, pos, caches[name], index)
     check[name] = logits
@@ -129,7 +135,7 @@ def measure_k(config, params, k_adapters: int, *, rank: int, cache_len: int,
   med = {k: statistics.median(v) for k, v in times.items()}
   first = next(iter(check), None)
   spread = max((float(jnp.max(jnp.abs(check[a] - check[first]))) for a in check), default=0.0)
-  out = {"K": k_adapters, "batch": batch, "auto": auto,
+  out = {"K": k_adapters, "batch": batch, "auto": auto, "capacity": capacity,
          "load_before": list(load_before), "load_after": list(load_after),
          "median_ms": {k: round(1e3 * v, 2) for k, v in med.items()},
          "all_ms": {k: [round(1e3 * t, 2) for t in v] for k, v in times.items()},
@@ -224,8 +230,8 @@ def peft_compare(config, params, *, python: str, k_adapters: int, rank: int, n: 
 _CONFIG = {}
 
 
-def decoder(mode, routing="auto"):
-  return decode.decoder(_CONFIG["config"], mode=mode, routing=routing)
+def decoder(mode, routing="auto", capacity=None):
+  return decode.decoder(_CONFIG["config"], mode=mode, routing=routing, capacity=capacity)
 
 
 def main(argv=None):

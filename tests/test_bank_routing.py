@@ -1,7 +1,6 @@
 """A bank's routing paths (gather, onehot, grouped, segment, auto) against per-example references."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import pytest
 
@@ -133,27 +132,46 @@ def test_auto_rule_and_bad_path():
       pass
 
 
-def _dots(jaxpr, *, in_cond=False):
-  """(dot_generals outside any cond branch, inside one), recursing into sub-jaxprs."""
-  out, inside = 0, 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      inside, out = (inside + 1, out) if in_cond else (inside, out + 1)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      o, i = _dots(sub, in_cond=in_cond or eqn.primitive.name == "cond")
-      out, inside = out + o, inside + i
-  return out, inside
+def test_a_capacity_known_when_tracing_groups_with_no_run_time_choice():
+  ts = trees(4)
+  bank = jlora.stack_adapters(ts)
+  x = jax.random.normal(jax.random.key(1), (4, 1, 6))  # decode: one row an example
+  fn = jlora.lora(model_fn)
+  merged = [jax.jit(jlora.merge)(t) for t in ts]
+  routed = lambda capacity: lambda b, i, x: fn(jlora.route(b, i, capacity=capacity), x)  # noqa: E731
+  adapters, frozen = jlora.partition(bank)
+  for index, capacity in (([3, 0, 2, 1], 1), ([3, 0, 3, 1], 2), ([3, 3, 3, 1], 4)):
+    index = jnp.asarray(index, jnp.int32)
+    want = jnp.concatenate([model_fn(merged[int(k)], x[n:n + 1]) for n, k in enumerate(index)])
+    got = run("grouped", routed(capacity), bank, index, x)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))),
+                       what=f"capacity {capacity}")
+    loss = lambda a, capacity: jnp.sum(jnp.sin(routed(capacity)(  # noqa: E731
+        jlora.combine(a, frozen), index, x)))
+    assert_trees_close(run("grouped", jax.grad(lambda a: loss(a, capacity)), adapters),
+                       run("grouped", jax.grad(lambda a: loss(a, None)), adapters),
+                       rtol=1e-5, atol=1e-6, what=f"capacity {capacity} grad")
+    with bank_lib.routing("grouped"):
+      text = str(jax.make_jaxpr(routed(capacity))(bank, index, x))
+    assert "scatter" in text and "cond" not in text  # the slots fixed when tracing
+  # A traced index that breaks the promise: NaNs for the example beyond its adapter's
+  # capacity (the second on adapter 3), never another adapter's values.
+  got = run("grouped", routed(1), bank, jnp.asarray([3, 0, 3, 1], jnp.int32), x)
+  assert [bool(jnp.isnan(g).all()) for g in got] == [False, False, True, False]
+  assert not jnp.isnan(got[jnp.asarray([0, 1, 3])]).any()
 
 
-def test_grouped_decode_runs_the_even_share_outside_the_branches():
-  # On CPU the ops inside a lax.cond branch run slower: a batch that fits one slot an
-  # adapter (the even share) runs its two dots a weight outside any branch; only the
-  # larger capacities and the gather sit behind the cond.
+def test_route_checks_a_capacity_against_a_concrete_index():
   bank = jlora.stack_adapters(trees(4))
-  x = jnp.ones((4, 1, 6))  # decode: one row an example
-  fn = lambda b, i, x: jlora.lora(model_fn)(jlora.route(b, i), x)  # noqa: E731
-  with bank_lib.routing("grouped"):
-    jaxpr = jax.make_jaxpr(fn)(bank, jnp.arange(4, dtype=jnp.int32), x).jaxpr
-  out, inside = _dots(jaxpr)
-  uses = 5  # w1, gate, heads, merge and the tied head's attend
-  assert out == uses + 2 * uses and inside >= 2 * uses, (out, inside)
+  with pytest.raises(jlora.LoraError, match=r"capacity=1, but the index routes 3 examples to "
+                     r"adapter 3 \(1 adapter\(s\) over capacity: \[3\]\); pass capacity=3"):
+    jlora.route(bank, jnp.asarray([3, 3, 3, 1]), capacity=1)
+  for capacity in (0, True, 1.5, "2"):
+    with pytest.raises(jlora.LoraError, match=f"capacity={capacity!r}; pass a positive int"):
+      jlora.route(bank, jnp.arange(4), capacity=capacity)
+  with pytest.raises(jlora.LoraError, match="capacity=2 with a single adapter"):
+    jlora.route(bank, 1, capacity=2)
+  with pytest.raises(jlora.LoraError) as info:  # every problem at once
+    jlora.route(bank, jnp.zeros((2, 2), jnp.int32), capacity=0)
+  assert len(info.value.problems) == 2
+  assert jlora.route(bank, jnp.asarray([3, 3, 3, 1]), capacity=3)["w1"]["bank"].capacity == 3

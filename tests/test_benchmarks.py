@@ -21,7 +21,9 @@ def test_decode_benchmark_quick(tmp_path):
   assert out["cpu_model"] and out["versions"]["jax"] and out["load_average_1_5_15"]
   assert out["command"].endswith("--paths gather,grouped --json=" + str(path))
   (k16,) = out["results"]
-  assert k16["K"] == 16 and set(k16["median_ms"]) == {"merged", "unmerged", "gather", "grouped"}
+  assert k16["K"] == 16 and set(k16["median_ms"]) == {"merged", "unmerged", "gather", "grouped",
+                                                       "grouped_capacity"}
+  assert k16["capacity"] == 1  # 16 sequences on 16 adapters
   assert k16["max_abs_logit_between_paths"] < 1e-3  # the paths agree
   ratios = k16["over_merged_tokens_per_s"]
   assert k16["auto"] == "grouped" and ratios["auto"] == ratios["grouped"]

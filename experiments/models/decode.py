@@ -20,7 +20,10 @@ The same loop serves three ways of running adapters (``mode=``):
   ``index`` (batch,): sequence ``b`` decodes with adapter ``index[b]``, all in
   the same compiled step (`jlora.route` inside ``jit``; the index is traced),
   routed by the path `jlora.methods.bank.routing` has in force (default
-  ``"auto"``).
+  ``"auto"``). `generate` knows the index before compiling, so it passes
+  `jlora.route` the busiest adapter's count (rounded up to a power of two:
+  few compilations) as its ``capacity``; decode then groups with no run-time
+  choice of slots.
 
 >>> import jax.numpy as jnp
 >>> config = llama.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
@@ -75,7 +78,8 @@ def _bank_sizes(params: Any) -> list[int]:
   return sizes
 
 
-def _step_fn(config: llama.LlamaConfig, mode: str, dtype, routing: str):
+def _step_fn(config: llama.LlamaConfig, mode: str, dtype, routing: str,
+             capacity: int | None = None):
   model = llama.LlamaForCausalLM(config, dtype=dtype)
 
   def plain(params, ids, positions, cache):
@@ -89,24 +93,25 @@ def _step_fn(config: llama.LlamaConfig, mode: str, dtype, routing: str):
 
   def banked(p, ids, pos, cache, index):
     with bank_lib.routing(routing):  # traced under the routing it was built for
-      return factored(jlora.route(p, index), ids, pos, cache)
+      return factored(jlora.route(p, index, capacity=capacity), ids, pos, cache)
 
   return banked
 
 
 @functools.lru_cache(maxsize=16)
 def decoder(config: llama.LlamaConfig, *, mode: str = "merged", dtype=jnp.float32,
-            routing: str = "auto"):
+            routing: str = "auto", capacity: int | None = None):
   """The compiled decode step of one mode: ``step(params, ids, positions, cache, index)``.
 
   ``ids`` and ``positions`` are (batch, seq) (seq 1 for a decode step, the
   prompt for a prefill); it returns ``(logits (batch, seq, vocab), cache)``.
   ``index`` is the bank routing (batch,) in ``"bank"`` mode and ignored
-  otherwise; ``routing`` is the bank's path (`jlora.methods.bank.routing`).
+  otherwise; ``routing`` is the bank's path (`jlora.methods.bank.routing`),
+  ``capacity`` `jlora.route`'s (at most that many sequences on one adapter).
   ``"merged"`` expects a tree merged already (`generate` merges). The cache
   is donated: it is updated in place.
   """
-  return jax.jit(_step_fn(config, mode, dtype, routing), donate_argnums=(3,))
+  return jax.jit(_step_fn(config, mode, dtype, routing, capacity), donate_argnums=(3,))
 
 
 def _pick(logits, t, keys, temperature):
@@ -119,8 +124,9 @@ def _pick(logits, t, keys, temperature):
 
 
 @functools.lru_cache(maxsize=16)
-def _loop(config: llama.LlamaConfig, n: int, mode: str, dtype, sampled: bool, routing: str):
-  step = _step_fn(config, mode, dtype, routing)
+def _loop(config: llama.LlamaConfig, n: int, mode: str, dtype, sampled: bool, routing: str,
+          capacity: int | None):
+  step = _step_fn(config, mode, dtype, routing, capacity)
 
   @jax.jit
   def run(params, ids, lengths, cache, index, keys, temperature):
@@ -245,7 +251,11 @@ def generate(params: Any, config: llama.LlamaConfig, prompts: Sequence[Sequence[
     keys = key if jnp.ndim(key) else jnp.stack([key] * batch)
   cache = init_cache(config, batch, cache_len, dtype=dtype)
   route = jnp.asarray(index if index is not None else np.zeros(batch), jnp.int32)
-  run = _loop(config, int(n), mode, dtype, key is not None, bank_lib.current_routing())
+  capacity = None
+  if mode == "bank":  # the busiest adapter's sequences, rounded up to a power of two
+    capacity = 1 << (int(np.bincount(np.asarray(index)).max()) - 1).bit_length()
+  run = _loop(config, int(n), mode, dtype, key is not None, bank_lib.current_routing(),
+              capacity)
   out = run(params, jnp.asarray(ids), jnp.asarray(lengths), cache, route, keys,
             jnp.float32(temperature))
   return np.asarray(out)

@@ -25,8 +25,11 @@ example and runs one batched ``x·A·B`` (chosen beyond, and for stacked
 layers), ``segment`` sorts the rows by adapter for ``jax.lax.ragged_dot``
 (never chosen on CPU, where XLA lowers it as ``K`` masked dense dots; force
 it with `routing`). On CPU, decoding SmolLM2 with a bank of K = 16 / 64 /
-256 adapters, grouped ran at 0.87–0.88 / 0.85 / 0.84 of merged's tokens/s
-(BENCHMARKS.md, "Serving"), the fastest path at each K.
+256 adapters, grouped ran at 0.83–0.87 / 0.76–0.80 / 0.76–0.77 of merged's
+tokens/s over two runs, the fastest path at each K (BENCHMARKS.md, "Serving");
+given `route`'s ``capacity`` (the busiest adapter's examples, known before
+tracing), at 0.87–0.90 / 0.84–0.92 / 0.78–0.83 over three later runs on
+another host (without it, 0.85–0.86 / 0.77–0.88 / 0.80–0.87 in the same runs).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora import _labels, _structure, _tree
 from jlora._errors import LoraError, Problems
@@ -58,11 +62,14 @@ class Bank(Method):
     dropouts: each adapter's ``LoRA.dropout``: in training (`lora` with an
       ``rng``) every example's input to ``A`` is dropped at the rate of the
       adapter it is routed to. Empty: no dropout.
+    capacity: set by `route`: the most examples routed to any one adapter, if
+      known when tracing (``None``: found at run time).
   """
 
   ranks: tuple[int, ...]
   scales: tuple[float, ...]
   dropouts: tuple[float, ...] = ()
+  capacity: int | None = None
 
   prefix = "bank"
   leaves = ("a", "b", "index")
@@ -180,9 +187,10 @@ class Bank(Method):
       plan = plan_of(x, use.x_labels, (a, al), (b, bl), use.out_labels, e)
       path = choose_path(plan, len(self.ranks), max(self.ranks)) if plan else "gather"
       if path != "gather":
+        kw = {"capacity": self.capacity} if path == "grouped" else {}
         delta = {"onehot": onehot_path, "grouped": grouped_path, "segment": segment_path}[path](
             plan, x, index, self._scale_of(index), len(self.ranks), precision=use.precision,
-            preferred_element_type=use.preferred_element_type)
+            preferred_element_type=use.preferred_element_type, **kw)
         base = inner(use.x)
         return base + delta.astype(base.dtype)
       lab_a = tuple(e if l == k else l for l in al)
@@ -310,7 +318,7 @@ def stack_adapters(trees: Sequence[Any], *, name: str = DEFAULT_NAME) -> Any:
   return _tree.map_mappings(base0, add)
 
 
-def route(params: Any, index: Any) -> Any:
+def route(params: Any, index: Any, *, capacity: int | None = None) -> Any:
   """Sets which bank adapter each example uses (every bank in the tree).
 
   Pure and traceable: call it inside ``jit``/``grad`` with a traced index.
@@ -320,9 +328,22 @@ def route(params: Any, index: Any) -> Any:
     index: an int array ``(batch,)``, adapter per example, or an int for the
       whole batch. Indices must lie in ``[0, K)`` (out-of-range ones gather
       NaNs, as ``jnp.take`` does).
+    capacity: the most examples ``index`` routes to any one adapter, when the
+      caller knows it before tracing (a server that builds its batches does).
+      The grouped path (decode) then sizes its slots when tracing, with no
+      run-time choice between sizes (a ``lax.cond`` per adapted weight).
+      Static: one compilation per value. A concrete ``index`` is checked
+      against it; with a traced one, an example beyond its adapter's
+      ``capacity`` gets NaN outputs, never another example's adapter.
+      ``None``: found at run time.
 
   Returns:
     The tree with every ``bank_index`` leaf replaced.
+
+  Raises:
+    LoraError: an index of the wrong shape or dtype, a tree with no bank, a
+      capacity that is not a positive int, given for a single-adapter index,
+      or below the count of a concrete index.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -336,12 +357,18 @@ def route(params: Any, index: Any) -> Any:
     >>> mixed = fn(jlora.route(bank, jnp.array([1, 0])), x)
     >>> bool(jnp.allclose(mixed[0], fn(trees[1], x[:1])[0]))
     True
+    >>> known = fn(jlora.route(bank, jnp.array([1, 0]), capacity=1), x)  # one each
+    >>> bool(jnp.allclose(known, mixed))
+    True
   """
   index = jnp.asarray(index)
   problems = Problems("jlora: cannot route the banks")
-  if index.ndim > 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+  bad_index = index.ndim > 1 or not jnp.issubdtype(index.dtype, jnp.integer)
+  if bad_index:
     problems.add(f"index: shape {tuple(index.shape)} dtype {index.dtype}; pass an int "
                  "array of shape (batch,) or an int")
+  if capacity is not None:
+    _check_capacity(capacity, None if bad_index else index, problems)
   found = []
 
   def set_index(mpath: Path, mapping):
@@ -351,6 +378,7 @@ def route(params: Any, index: Any) -> Any:
     items = dict(mapping)
     for bank in banks:
       found.append(mpath)
+      items[bank.spec_key] = dataclasses.replace(bank, capacity=capacity)
       items[bank.leaf_key("index")] = index.astype(jnp.int32)
     return _tree.rebuild_mapping(mapping, items)
 
@@ -359,6 +387,25 @@ def route(params: Any, index: Any) -> Any:
     problems.add("params holds no bank; build one with jlora.stack_adapters")
   problems.raise_if_any()
   return out
+
+
+def _check_capacity(capacity: Any, index: jax.Array | None, problems: Problems) -> None:
+  """``route``'s capacity against its index (``None``: an index already reported)."""
+  if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 1:
+    problems.add(f"capacity={capacity!r}; pass a positive int, the most examples the "
+                 "index routes to one adapter (or None)")
+  elif index is None:
+    return
+  elif index.ndim == 0:
+    problems.add(f"capacity={capacity} with a single adapter for the whole batch "
+                 f"(index {index}); pass capacity only with an index per example")
+  elif not isinstance(index, jax.core.Tracer) and index.size and np.asarray(index).min() >= 0:
+    counts = np.bincount(np.asarray(index))  # concrete: checked now
+    if counts.max() > capacity:
+      busy = np.flatnonzero(counts > capacity)
+      problems.add(f"capacity={capacity}, but the index routes {counts.max()} examples to "
+                   f"adapter {int(counts.argmax())} ({busy.size} adapter(s) over capacity: "
+                   f"{busy[:8].tolist()}); pass capacity={counts.max()} or None")
 
 
 __all__ = ("Bank", "stack_adapters", "route", "routing", "current_routing", "ROUTINGS")

@@ -37,11 +37,13 @@ from jlora._errors import LoraError
 #   busiest adapter's examples; a batch busier than the largest takes the
 #   gather (``lax.cond``: one compiled function serves every routing). The
 #   even share first: on CPU one slot per adapter runs as matrix-vector
-#   products, twice as fast per byte of the bank as two slots. The even
-#   share runs outside any branch, and a batch busier than it takes the
-#   ``lax.cond`` to the larger capacities: XLA:CPU runs the ops inside a
-#   branch more slowly (decode at K 16: 0.83 → 0.86–0.89× merged's tokens/s,
-#   BENCHMARKS.md "Serving", sixth follow-up).
+#   products, twice as fast per byte of the bank as two slots. A capacity
+#   known when tracing (`route`'s ``capacity``) fixes the slots instead, with
+#   no ``lax.cond``: on CPU ops inside a branch run slower, and decode at
+#   K 16 / 64 gained ≈ 3 % on balanced batches and 1–5 % on random ones
+#   (BENCHMARKS.md "Serving", sixth follow-up). Running the even share outside
+#   the branch without it gained as much on balanced batches but lost 2–7 %
+#   on random ones (one more pass over the bank), so the ladder stays whole.
 # * ``segment``: rows sorted by adapter, ``jax.lax.ragged_dot`` against the
 #   ``(K, in, r)`` and ``(K, r, out)`` stacks with the group sizes, unsorted.
 #   A grouped matmul where one exists (GPU/TPU kernels); XLA:CPU lowers
@@ -209,11 +211,13 @@ def onehot_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element
   return _finish(plan, y, shape)
 
 
-def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type):
+def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_element_type,
+                 capacity: int | None = None):
+  """The grouped path; ``capacity``: the slots per adapter, fixed when tracing (`route`'s
+  promise: no run-time choice). An example beyond its adapter's slots gets NaNs."""
   (f1, _), (f2, _) = plan.first, plan.second
   rows, shape = _rows(plan, x)
   e, f, c = rows.shape
-  share, *caps = sorted({min(e, m * -(-e // k)) for m in GROUPED_CAPACITIES})
   f1 = f1.reshape(k, c, f1.shape[-1]).astype(rows.dtype)
   f2 = f2.reshape(k, f2.shape[1], -1).astype(rows.dtype)
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
@@ -230,20 +234,22 @@ def grouped_path(plan: _Plan, x, index, scale, k, *, precision, preferred_elemen
           rows, mode="drop", unique_indices=True)
       t = jnp.einsum("kmc,kcr->kmr", xs.reshape(k, cap * f, c), f1, **kw)
       y = jnp.einsum("kmr,kro->kmo", t.astype(f2.dtype), f2, **kw)
-      return y.reshape(k * cap, f, -1).at[slot].get(mode="fill", fill_value=0)
+      return y.reshape(k * cap, f, -1).at[slot].get(mode="fill", fill_value=jnp.nan)
     return at
 
   def gathered(rows):  # an adapter has more examples than the largest capacity
     t = jnp.einsum("efc,ecr->efr", rows, f1[index], **kw)
     return jnp.einsum("efr,ero->efo", t.astype(f2.dtype), f2[index], **kw)
 
-  busiest = jnp.max(counts)
-  y = grouped(share)(rows)  # the even share: outside any branch (their ops run slower)
-  if share < e:  # else its slots hold any batch
-    rest = grouped(caps.pop()) if caps and caps[-1] == e else gathered
+  if capacity is not None:
+    run = grouped(min(e, capacity))
+  else:
+    caps = sorted({min(e, m * -(-e // k)) for m in GROUPED_CAPACITIES})
+    busiest = jnp.max(counts)
+    run = grouped(caps.pop()) if caps[-1] == e else gathered  # e slots hold any batch
     for cap in reversed(caps):  # the smallest capacity that holds the busiest adapter
-      rest = functools.partial(jax.lax.cond, busiest <= cap, grouped(cap), rest)
-    y = jax.lax.cond(busiest <= share, lambda y, rows: y, lambda y, rows: rest(rows), y, rows)
+      run = functools.partial(jax.lax.cond, busiest <= cap, grouped(cap), run)
+  y = run(rows)
   y = y * scale[:, None, None].astype(y.dtype)
   return _finish(plan, y, shape)
 
