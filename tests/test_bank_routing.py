@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
@@ -174,4 +175,5 @@ def test_route_checks_a_capacity_against_a_concrete_index():
   with pytest.raises(jlora.LoraError) as info:  # every problem at once
     jlora.route(bank, jnp.zeros((2, 2), jnp.int32), capacity=0)
   assert len(info.value.problems) == 2
-  assert jlora.route(bank, jnp.asarray([3, 3, 3, 1]), capacity=3)["w1"]["bank"].capacity == 3
+  routed = jlora.route(bank, jnp.asarray([3, 3, 3, 1]), capacity=np.int64(3))["w1"]["bank"]
+  assert routed.capacity == 3 and type(routed.capacity) is int  # static, JSON-safe

@@ -79,6 +79,8 @@ class Bank(Method):
     object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
     object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
     object.__setattr__(self, "dropouts", tuple(float(p) for p in self.dropouts))
+    if self.capacity is not None:  # an int, also when given as a NumPy integer
+      object.__setattr__(self, "capacity", int(self.capacity))
 
   @property
   def trainable_leaves(self) -> tuple[str, ...]:
